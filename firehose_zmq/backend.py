@@ -1,0 +1,315 @@
+"""The edge's side of the ZeroMQ links to the workers.
+
+Links (all connect; the workers bind)::
+
+    DEALER  -> worker ROUTER (one per worker)    [request]  ->   <- [reply]
+    SUB     <- every worker's XPUB               [channel + b"\\x00", message]
+
+Each request carries an id and has a deadline; a reply that comes late is
+dropped. A worker is *up* while its DEALER has a completed connection (socket
+monitor) and it answered a heartbeat ping within ``heartbeat_liveness``
+intervals (Paranoid Pirate): a killed worker is noticed by the disconnect at
+once, a hung one within the liveness window. Requests to a worker that is down
+fail at once with ``WorkerUnavailable`` instead of waiting for the deadline;
+``ZMQ_IMMEDIATE`` keeps the DEALER from queueing for a peer that is not there.
+
+The sockets are plain (non-async) pyzmq sockets read from the asyncio loop:
+their FD is edge-triggered, so every reader drains until EAGAIN and is drained
+again after each send on the same socket.
+"""
+
+import asyncio
+import itertools
+import logging
+import time
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from . import protocol
+from .ring import Ring
+
+log = logging.getLogger("firehose.backend")
+
+_BATCH = 512
+
+
+class BackendError(Exception):
+    """A request that did not get a successful reply."""
+
+
+class WorkerUnavailable(BackendError):
+    """The owning worker is down or did not answer within the deadline."""
+
+
+class RequestRejected(BackendError):
+    """The worker answered with an error (``code``, and the reason as the message)."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+class SocketReader:
+    """Calls ``on_frames(frames)`` for every message of a zmq socket, on the loop."""
+
+    def __init__(self, loop, sock, on_frames):
+        self._loop = loop
+        self._sock = sock
+        self._on_frames = on_frames
+        self._scheduled = False
+        loop.add_reader(sock.FD, self.drain)
+        self.soon()
+
+    def drain(self) -> None:
+        self._scheduled = False
+        sock = self._sock
+        if sock.closed:
+            return
+        for _ in range(_BATCH):
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._on_frames(frames)
+            except Exception:
+                log.exception("handling a zmq message failed")
+        self.soon()  # more may be waiting; let other work run first
+
+    def soon(self) -> None:
+        """Drain on the next loop turn (after a send, which may eat the FD's edge)."""
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.drain)
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._loop.remove_reader(self._sock.FD)
+
+
+class WorkerLink:
+    """The DEALER to one worker, its pending requests and its liveness."""
+
+    def __init__(self, worker_config):
+        self.config = worker_config
+        self.id = worker_config.id
+        self.dealer = None
+        self.reader = None
+        self.monitor = None
+        self.monitor_reader = None
+        self.connected = False
+        self.last_reply = 0.0
+        self.alive = False
+        self.ping_in_flight = False
+        self.pending: dict = {}  # request id -> (future, deadline handle)
+
+
+class Backend:
+    """Routes requests to channel owners and delivers their messages to ``on_message``."""
+
+    def __init__(self, config, on_message, context=None, on_worker_change=None):
+        self.config = config
+        self.ring = Ring([w.id for w in config.workers], config.ring_vnodes)
+        self._on_message = on_message
+        self._on_worker_change = on_worker_change or (lambda worker_id, up: None)
+        self._context = context or zmq.Context.instance()
+        self._links = {w.id: WorkerLink(w) for w in config.workers}
+        self._ids = itertools.count(1)
+        self._timeout_s = config.edge.request_timeout_s
+        self._interval_s = config.edge.heartbeat_interval_ms / 1000.0
+        self._liveness_s = self._interval_s * config.edge.heartbeat_liveness
+        self._max_bytes = config.limits.max_message_bytes
+        self._loop = None
+        self._sub = None
+        self._sub_reader = None
+        self._heartbeat = None
+        self.rejected_frames = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for link in self._links.values():
+            dealer = self._context.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.IMMEDIATE, 1)
+            dealer.setsockopt(zmq.SNDHWM, 100000)
+            dealer.setsockopt(zmq.RCVHWM, 100000)
+            dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+            dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            link.monitor = dealer.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            dealer.connect(link.config.router_connect)
+            link.dealer = dealer
+            link.reader = SocketReader(self._loop, dealer,
+                                       lambda frames, link=link: self._on_reply(link, frames))
+            link.monitor_reader = SocketReader(
+                self._loop, link.monitor, lambda frames, link=link: self._on_monitor(link, frames))
+        self._sub = self._context.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.RCVHWM, 200000)
+        self._sub.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        for link in self._links.values():
+            self._sub.connect(link.config.pub_connect)
+        self._sub_reader = SocketReader(self._loop, self._sub, self._on_pub)
+        self._heartbeat = self._loop.call_later(self._interval_s, self._beat)
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for link in self._links.values():
+            self._fail_pending(link, "the edge is shutting down")
+            for reader, sock in ((link.reader, link.dealer), (link.monitor_reader, link.monitor)):
+                if reader is not None:
+                    reader.close()
+                if sock is not None:
+                    sock.close(linger=0)
+        if self._sub_reader is not None:
+            self._sub_reader.close()
+            self._sub.close(linger=0)
+
+    # -- routing ---------------------------------------------------------------
+
+    def owner(self, channel: str) -> str:
+        return self.ring.owner(channel)
+
+    def is_up(self, worker_id: str) -> bool:
+        return self._links[worker_id].alive
+
+    def workers_up(self) -> dict:
+        return {worker_id: link.alive for worker_id, link in self._links.items()}
+
+    def request(self, channel: str, op: str, **fields) -> asyncio.Future:
+        """Send ``op`` for ``channel`` to its owner; the future gets the reply map."""
+        return self.call(self.ring.owner(channel), {"op": op, "channel": channel, **fields})
+
+    def call(self, worker_id: str, request: dict, force: bool = False) -> asyncio.Future:
+        """Send a request to one worker; the future gets the reply or a BackendError."""
+        link = self._links[worker_id]
+        future = self._loop.create_future()
+        if not (link.alive or force):
+            future.set_exception(WorkerUnavailable(f"worker {worker_id} is unavailable"))
+            return future
+        request_id = next(self._ids)
+        try:
+            link.dealer.send(protocol.encode_request({"id": request_id, **request}), zmq.NOBLOCK)
+        except zmq.Again:
+            future.set_exception(WorkerUnavailable(f"worker {worker_id} is not connected"))
+            return future
+        deadline = self._loop.call_later(self._timeout_s, self._expire, link, request_id)
+        link.pending[request_id] = (future, deadline)
+        link.reader.soon()
+        return future
+
+    def _expire(self, link, request_id) -> None:
+        entry = link.pending.pop(request_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(WorkerUnavailable(
+                f"worker {link.id} did not answer within {self._timeout_s:g} s"))
+
+    def _on_reply(self, link, frames) -> None:
+        try:
+            if len(frames) != 1:
+                raise protocol.ProtocolError(f"reply of {len(frames)} frames")
+            reply = protocol.decode_reply(frames[0], self._max_bytes)
+        except protocol.ProtocolError as exc:
+            self._reject(f"from worker {link.id}: {exc}")
+            return
+        link.last_reply = time.monotonic()
+        entry = link.pending.pop(reply["id"], None)
+        if entry is None:
+            log.debug("late reply %r from worker %s dropped", reply["id"], link.id)
+            return
+        future, deadline = entry
+        deadline.cancel()
+        if future.done():
+            return
+        if reply["ok"]:
+            future.set_result(reply)
+        else:
+            future.set_exception(RequestRejected(reply["error"], reply["reason"]))
+
+    def _fail_pending(self, link, reason: str) -> None:
+        pending, link.pending = link.pending, {}
+        for future, deadline in pending.values():
+            deadline.cancel()
+            if not future.done():
+                future.set_exception(WorkerUnavailable(reason))
+
+    # -- liveness --------------------------------------------------------------
+
+    def _set_alive(self, link, alive: bool, why: str) -> None:
+        if link.alive == alive:
+            return
+        link.alive = alive
+        if alive:
+            log.info("worker %s up (%s)", link.id, why)
+        else:
+            log.warning("worker %s down (%s)", link.id, why)
+            self._fail_pending(link, f"worker {link.id} is unavailable ({why})")
+        self._on_worker_change(link.id, alive)
+
+    def _on_monitor(self, link, frames) -> None:
+        event = parse_monitor_message(frames)["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            link.connected = True
+            link.last_reply = time.monotonic()
+            self._ping(link)
+        elif event == zmq.EVENT_DISCONNECTED:
+            link.connected = False
+            self._set_alive(link, False, "disconnected")
+
+    def _ping(self, link) -> None:
+        if link.ping_in_flight:
+            return
+        link.ping_in_flight = True
+        future = self.call(link.id, {"op": "ping"}, force=True)
+        future.add_done_callback(lambda f, link=link: self._on_pong(link, f))
+
+    def _on_pong(self, link, future) -> None:
+        link.ping_in_flight = False
+        if future.exception() is not None:
+            return
+        reply = future.result()
+        if reply.get("ring") != self.ring.version:
+            log.error("worker %s has ring %s, this edge has %s: check that every process reads "
+                      "the same config", link.id, reply.get("ring"), self.ring.version)
+            return
+        if link.connected:
+            self._set_alive(link, True, "answered a heartbeat")
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        for link in self._links.values():
+            if link.connected:
+                if link.alive and now - link.last_reply > self._liveness_s:
+                    self._set_alive(link, False, f"no answer for {now - link.last_reply:.1f} s")
+                self._ping(link)
+        self._heartbeat = self._loop.call_later(self._interval_s, self._beat)
+
+    # -- messages --------------------------------------------------------------
+
+    def subscribe(self, channel: str) -> None:
+        self._sub.setsockopt(zmq.SUBSCRIBE, protocol.topic(channel))
+        self._sub_reader.soon()
+
+    def unsubscribe(self, channel: str) -> None:
+        self._sub.setsockopt(zmq.UNSUBSCRIBE, protocol.topic(channel))
+        self._sub_reader.soon()
+
+    def _on_pub(self, frames) -> None:
+        try:
+            message = protocol.decode_message(frames, self._max_bytes)
+        except protocol.ProtocolError as exc:
+            self._reject(f"on the message stream: {exc}")
+            return
+        self._on_message(message)
+
+    def _reject(self, reason: str) -> None:
+        self.rejected_frames += 1
+        if self.rejected_frames <= 10 or self.rejected_frames % 1000 == 0:
+            log.warning("rejected frame (%d so far) %s", self.rejected_frames, reason)

@@ -1,0 +1,155 @@
+"""Channel state and the buffer rules of PROTOCOL.md §5, free of sockets and clocks.
+
+Theory of operation
+-------------------
+A worker holds one ``Channel`` per live channel name in a ``ChannelTable``. A
+channel has a sequence ``seq`` (the number of the newest message, 0 before the
+first), an ``epoch`` (which incarnation this is: a channel that expires or is
+deleted and is then published to again starts over at sequence 1 with a larger
+epoch), a buffer of the newest messages (always contiguous and ending at
+``seq``), and an expiry time (``None`` for a persistent channel).
+
+What a subscriber whose last sequence is ``c`` gets at once is decided by
+``select_since``; its table is PROTOCOL.md §5, row by row:
+
+    =======================  =====================================
+    case                     delivered at once (oldest first)
+    =======================  =====================================
+    nothing buffered         nothing: wait for the next publish
+    c <= 0                   the newest message only
+    c >= seq                 nothing: wait (caught up, or ahead)
+    0 < seq - c <= len       every message with sequence > c
+    seq - c > len            the newest message only (fell out)
+    =======================  =====================================
+
+Time is always passed in (``now``, seconds on the wall clock), so the table and
+expiry are tested without waiting.
+"""
+
+from collections import deque
+import heapq
+import itertools
+from typing import Callable, NamedTuple, Optional
+
+
+class Message(NamedTuple):
+    """One published message of a channel."""
+
+    seq: int
+    data: bytes
+
+
+def select_since(seq: int, buffered, last_seq: int) -> list:
+    """The messages a subscriber at ``last_seq`` gets at once (PROTOCOL.md §5)."""
+    length = len(buffered)
+    if length == 0:
+        return []
+    if last_seq <= 0:
+        return [buffered[-1]]
+    if last_seq >= seq:
+        return []
+    behind = seq - last_seq
+    if behind <= length:
+        return list(itertools.islice(buffered, length - behind, length))
+    return [buffered[-1]]
+
+
+class Channel:
+    """The sequence, buffer and expiry of one channel incarnation."""
+
+    __slots__ = ("name", "epoch", "seq", "buffer", "last", "expires_at")
+
+    def __init__(self, name: str, epoch: int):
+        self.name = name
+        self.epoch = epoch
+        self.seq = 0
+        self.buffer: deque = deque()
+        # The newest message even when the buffer keeps none (buffer size 0): the
+        # worker re-sends it to a new subscriber to close the subscribe race.
+        self.last: Optional[Message] = None
+        self.expires_at: Optional[float] = None
+
+    def publish(self, data: bytes, buffer_size: int, expires_at: Optional[float]) -> Message:
+        """Append a message, trim the buffer to ``buffer_size`` and set the expiry."""
+        self.seq += 1
+        message = Message(self.seq, data)
+        self.last = message
+        buffer = self.buffer
+        buffer.append(message)
+        while len(buffer) > buffer_size:
+            buffer.popleft()
+        self.expires_at = expires_at
+        return message
+
+    def since(self, last_seq: int) -> list:
+        """What a subscriber at ``last_seq`` gets at once."""
+        return select_since(self.seq, self.buffer, last_seq)
+
+    def after(self, seq: int) -> list:
+        """Every buffered message with a sequence above ``seq`` (for filling gaps)."""
+        return [m for m in self.buffer if m.seq > seq]
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+class ChannelTable:
+    """All channels of one worker, with TTL expiry that really frees them.
+
+    ``new_epoch`` returns a number larger than any epoch handed out before (the
+    worker uses nanoseconds of the wall clock), so subscribers can tell a newer
+    incarnation of a channel from a stale message of an older one.
+    """
+
+    def __init__(self, new_epoch: Callable[[], int]):
+        self._channels: dict = {}
+        self._expiry_heap: list = []  # (expires_at, name); stale entries are skipped
+        self._new_epoch = new_epoch
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def get(self, name: str, now: float) -> Optional[Channel]:
+        """The live channel called ``name``, or None (an expired one is dropped)."""
+        channel = self._channels.get(name)
+        if channel is not None and channel.expired(now):
+            del self._channels[name]
+            return None
+        return channel
+
+    def publish(self, name: str, data: bytes, now: float, ttl_s: Optional[float],
+                buffer_size: int) -> tuple:
+        """Publish to ``name`` (creating it); ``ttl_s`` None means persistent.
+
+        Returns ``(channel, message)``.
+        """
+        channel = self.get(name, now)
+        if channel is None:
+            channel = self._channels[name] = Channel(name, self._new_epoch())
+        expires_at = None if ttl_s is None else now + ttl_s
+        message = channel.publish(data, buffer_size, expires_at)
+        if expires_at is not None:
+            heapq.heappush(self._expiry_heap, (expires_at, name))
+        return channel, message
+
+    def delete(self, name: str) -> bool:
+        """Forget ``name``; True when it existed."""
+        return self._channels.pop(name, None) is not None
+
+    def expire(self, now: float) -> list:
+        """Drop every channel whose expiry has passed; returns their names."""
+        heap = self._expiry_heap
+        expired = []
+        while heap and heap[0][0] <= now:
+            _, name = heapq.heappop(heap)
+            channel = self._channels.get(name)
+            if channel is not None and channel.expired(now):
+                del self._channels[name]
+                expired.append(name)
+        # Each publish pushes an entry; keep stale ones from piling up.
+        if len(heap) > 4 * len(self._channels) + 1024:
+            self._expiry_heap = [
+                (c.expires_at, c.name) for c in self._channels.values() if c.expires_at is not None
+            ]
+            heapq.heapify(self._expiry_heap)
+        return expired

@@ -1,0 +1,381 @@
+"""firehose-edge: the HTTP face of the cluster (Tornado), PROTOCOL.md §1-5 and §9.
+
+The edge keeps no channel state of its own: every publish and every fetch goes to
+the owning worker over ``backend``; waiting subscribers sit in ``fanout``, which
+is fed from the workers' message streams. Handlers get the ``Edge`` injected;
+``make_app(edge)`` builds the Tornado application.
+"""
+
+import argparse
+import json
+import asyncio
+import logging
+import signal
+import time
+
+import tornado.httpserver
+import tornado.web
+
+from . import httpwire
+from .backend import Backend, BackendError, RequestRejected, WorkerUnavailable
+from .config import ConfigError, load_config
+from .fanout import Fanout, Poll
+from .httpwire import HttpError, Subscription
+from .metrics import TimeSeries
+
+log = logging.getLogger("firehose.edge")
+
+JSON_TYPE = "application/json"
+
+
+class Edge:
+    """Everything one edge process shares between its requests."""
+
+    def __init__(self, config, context=None):
+        self.config = config
+        self.limits = config.limits
+        self.metrics = TimeSeries(config.edge.metrics_bucket_s, config.edge.metrics_buckets)
+        self.backend = Backend(config, self._on_message, context=context)
+        self.fanout = Fanout(self.backend, config.edge.subscription_linger_s)
+        self.polls: set = set()
+        self.server = None
+
+    def _on_message(self, message) -> None:
+        self.fanout.on_message(message)
+
+    async def start(self, sockets=None) -> None:
+        """Connect to the workers and listen (on ``sockets`` if given, else the config)."""
+        self.backend.start()
+        self.fanout.start()
+        self.server = EdgeHTTPServer(self.metrics, make_app(self),
+                                     max_body_size=self.limits.max_message_bytes,
+                                     idle_connection_timeout=3600)
+        if sockets is None:
+            self.server.listen(self.config.edge.port, self.config.edge.host)
+        else:
+            self.server.add_sockets(sockets)
+        log.info("edge listening on http://%s:%d (%d workers, long-poll timeout %g s)",
+                 self.config.edge.host, self.config.edge.port, len(self.config.workers),
+                 self.config.edge.long_poll_timeout_s)
+
+    async def stop(self) -> None:
+        """Stop accepting, answer every waiting long-poll with 204, close the links."""
+        if self.server is not None:
+            self.server.stop()
+        for poll in list(self.polls):
+            poll.cancel()
+        if self.server is not None:
+            try:
+                await asyncio.wait_for(self.server.close_all_connections(), 2.0)
+            except asyncio.TimeoutError:
+                log.warning("some connections did not close within 2 s")
+        self.fanout.close()
+        self.backend.close()
+
+    def poll(self, subscriptions) -> Poll:
+        poll = Poll(self.fanout, subscriptions, self.config.edge.long_poll_timeout_s)
+        self.polls.add(poll)
+        poll.future.add_done_callback(lambda _: self.polls.discard(poll))
+        return poll
+
+
+class EdgeHTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's HTTPServer, counting connections for the metrics."""
+
+    def initialize(self, metrics, *args, **kwargs):
+        self._metrics = metrics
+        super().initialize(*args, **kwargs)
+
+    def handle_stream(self, stream, address):
+        self._metrics.connection_opened(time.time())
+        super().handle_stream(stream, address)
+
+    def on_close(self, server_conn):
+        self._metrics.connection_closed(time.time())
+        super().on_close(server_conn)
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """CORS, one-line error answers, and the request's client-gone state."""
+
+    allow = "GET"
+
+    def initialize(self, edge: Edge):
+        self.edge = edge
+        self.poll_in_flight = None
+        self.client_gone = False
+
+    def compute_etag(self):
+        return None
+
+    def set_default_headers(self):
+        self.clear_header("Content-Type")
+        origin = self.request.headers.get("Origin")
+        if origin:
+            allowed = self.edge.config.edge.cors_allow_origins
+            if not allowed or origin in allowed:
+                self.set_header("Access-Control-Allow-Origin", origin)
+                self.set_header("Vary", "Origin")
+
+    def write_error(self, status_code, **kwargs):
+        exc = kwargs.get("exc_info", (None, None))[1]
+        reason = getattr(exc, "log_message", None) or self._reason
+        if status_code == 405:
+            self.set_header("Allow", self.allow)
+            reason = f"Method {self.request.method} is not allowed here; use {self.allow}"
+        self.answer(status_code, reason)
+
+    def answer(self, status: int, reason: str) -> None:
+        """Finish with ``status`` and a one-line plain-text reason."""
+        if self._finished:
+            return
+        self.clear()
+        self.set_status(status)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(reason.replace("\n", " ") + "\n")
+
+    def answer_json(self, body: bytes, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", JSON_TYPE)
+        self.finish(body)
+
+    def answer_backend_error(self, exc: BackendError) -> None:
+        if isinstance(exc, RequestRejected):
+            if exc.code == "too_large":
+                return self.answer(413, str(exc))
+            if exc.code == "bad_request":
+                return self.answer(400, str(exc))
+        self.answer(503, f"Service unavailable: {exc}")
+
+    def options(self, *args):
+        """CORS preflight."""
+        self.set_status(204)
+        self.set_header("Access-Control-Allow-Methods", "GET, PUT, POST, DELETE, HEAD, OPTIONS")
+        requested = self.request.headers.get("Access-Control-Request-Headers")
+        if requested:
+            self.set_header("Access-Control-Allow-Headers", requested)
+        self.set_header("Access-Control-Expose-Headers", "X-Firehose-Sequence")
+        self.set_header("Access-Control-Max-Age", "86400")
+        self.finish()
+
+    def health(self, channel: str) -> None:
+        """HEAD: 200 when the owner of ``channel`` is reachable, else 503."""
+        owner = self.edge.backend.owner(channel)
+        self.set_status(200 if self.edge.backend.is_up(owner) else 503)
+        self.finish()
+
+    def on_connection_close(self):
+        self.client_gone = True
+        if self.poll_in_flight is not None:
+            self.poll_in_flight.cancel()
+
+    async def long_poll(self, subscriptions, multiplexed: bool) -> None:
+        edge = self.edge
+        now = time.time()
+        for sub in subscriptions:
+            edge.metrics.incr(now, "subscribed_multiplexed" if multiplexed else "subscribed",
+                              sub.channel)
+        poll = self.poll_in_flight = edge.poll(subscriptions)
+        try:
+            result = await poll.future
+        except BackendError as exc:
+            return self.answer_backend_error(exc)
+        finally:
+            self.poll_in_flight = None
+        if self.client_gone:
+            return
+        if result is None:
+            edge.metrics.incr(time.time(), "timeouts")
+            self.set_status(204)
+            return self.finish()
+        channel, item = result
+        self.answer_json(item.json_with_channel(channel) if multiplexed else item.json())
+
+
+@tornado.web.stream_request_body
+class ChannelHandler(BaseHandler):
+    """Every channel path: PUT publishes, GET long-polls, HEAD checks health."""
+
+    def prepare(self):
+        self.channel = None
+        self.body_parts = []
+        self.body_bytes = 0
+        method = self.request.method
+        if method in ("POST", "PATCH"):
+            raise tornado.web.HTTPError(405)
+        try:
+            self.channel = httpwire.channel_from_path(self.request.path)
+        except HttpError as exc:
+            return self.answer(exc.status, exc.reason)
+        if httpwire.is_reserved(self.channel) and method != "HEAD":
+            if method == "PUT":
+                return self.answer(400, "Channel names containing @firehose are reserved")
+            return self.answer(404, f"Unknown endpoint {self.channel}")
+        if method == "PUT":
+            limit = self.edge.limits.max_message_bytes
+            length = self.request.headers.get("Content-Length", "0")
+            if length.isdigit() and int(length) > limit:
+                self.answer(413, f"Message body is larger than {limit} bytes")
+                self.request.connection.close()
+                return
+            self.request.connection.set_max_body_size(limit)
+
+    def data_received(self, chunk):
+        self.body_parts.append(chunk)
+        self.body_bytes += len(chunk)
+
+    async def put(self, *args):
+        edge = self.edge
+        limits = edge.limits
+        try:
+            options = httpwire.parse_publish_headers(self.request.headers, limits.default_ttl_s,
+                                                     limits.default_buffer_size,
+                                                     limits.max_buffer_size)
+        except HttpError as exc:
+            return self.answer(exc.status, exc.reason)
+        fields = {"data": b"".join(self.body_parts), "buffer_size": options.buffer_size}
+        if options.ttl_s is None:
+            fields["persist"] = True
+        else:
+            fields["ttl"] = options.ttl_s
+        try:
+            reply = await edge.backend.request(self.channel, "publish", **fields)
+        except BackendError as exc:
+            return self.answer_backend_error(exc)
+        edge.metrics.incr(time.time(), "published", self.channel)
+        self.set_status(202)
+        self.set_header("X-Firehose-Sequence", str(reply["seq"]))
+        self.finish()
+
+    async def get(self, *args):
+        query = self.get_query_argument("last_message_sequence", None)
+        try:
+            last_seq = httpwire.parse_sequence(query)
+        except HttpError as exc:
+            return self.answer(exc.status, exc.reason)
+        params = {name: self.get_query_argument(name) for name in self.request.query_arguments
+                  if name != "last_message_sequence"}
+        await self.long_poll([Subscription(self.channel, last_seq, params)], multiplexed=False)
+
+    def head(self, *args):
+        self.health(self.channel)
+
+    async def delete(self, *args):
+        try:
+            await self.edge.backend.request(self.channel, "delete")
+        except BackendError as exc:
+            return self.answer_backend_error(exc)
+        self.set_status(204)
+        self.finish()
+
+    def post(self, *args):
+        raise tornado.web.HTTPError(405)
+
+    patch = post
+
+
+class MultiplexHandler(BaseHandler):
+    """``/channels@firehose``: one long-poll over many channels."""
+
+    allow = "GET, POST"
+
+    async def get(self):
+        await self._subscribe(lambda: httpwire.parse_subscribe_query(
+            self.get_query_argument("subscribe", None)))
+
+    async def post(self):
+        await self._subscribe(lambda: httpwire.parse_subscribe_body(self.request.body))
+
+    async def _subscribe(self, parse):
+        try:
+            subscriptions = parse()
+        except HttpError as exc:
+            return self.answer_json(httpwire.subscription_failed_json(exc.reason), exc.status)
+        await self.long_poll(subscriptions, multiplexed=True)
+
+    def put(self):
+        self.answer(400, "Channel names containing @firehose are reserved")
+
+    def head(self):
+        self.health(self.request.path)
+
+    def delete(self):
+        raise tornado.web.HTTPError(405)
+
+    patch = delete
+
+
+class MetricsHandler(BaseHandler):
+    """``/metrics@firehose``: Firehose 1.4's JSON time buckets."""
+
+    allow = "GET"
+
+    def get(self):
+        report = self.edge.metrics.report(time.time())
+        self.answer_json(json.dumps(report, separators=(",", ":")).encode())
+
+    post = patch = delete = get
+
+    def put(self):
+        self.answer(400, "Channel names containing @firehose are reserved")
+
+    def head(self):
+        self.health(self.request.path)
+
+
+def make_app(edge: Edge) -> tornado.web.Application:
+    deps = {"edge": edge}
+    return tornado.web.Application([
+        (r"/channels@firehose", MultiplexHandler, deps),
+        (r"/metrics@firehose", MetricsHandler, deps),
+        (r"/.*", ChannelHandler, deps),
+    ], compress_response=False, log_function=_log_request)
+
+
+def _log_request(handler) -> None:
+    status = handler.get_status()
+    level = logging.WARNING if status >= 500 else logging.DEBUG
+    if log.isEnabledFor(level):
+        log.log(level, "%d %s %s %.1f ms", status, handler.request.method, handler.request.uri,
+                1000.0 * handler.request.request_time())
+
+
+async def serve(config, stop: asyncio.Event) -> None:
+    edge = Edge(config)
+    await edge.start()
+    await stop.wait()
+    log.info("edge stopping: answering waiting subscribers")
+    await edge.stop()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="firehose-edge",
+                                     description="Run one HTTP edge of a firehose-zmq cluster.")
+    parser.add_argument("--config", help="cluster config (TOML); default: the embedded local one")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(config, stop)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        log.error("edge cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

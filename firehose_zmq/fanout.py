@@ -1,0 +1,273 @@
+"""The edge's subscribers, grouped per channel, fed from one SUB subscription each.
+
+Theory of operation
+-------------------
+A ``Listener`` is one subscriber of one channel on this edge: a long-poll that
+wants one message, or a stream (WebSocket, SSE) that wants every message in
+order. The edge holds one ``Feed`` per channel that has listeners; a feed owns
+the channel's SUB subscription, which outlives its last listener by
+``linger_s`` so that lock-step re-polls do not churn subscriptions.
+
+Subscribe, then fetch (DESIGN.md, hard part 1): a new listener first joins its
+feed (subscribing when the feed is new), then asks the owning worker for what
+it has missed. The fetch reply tells the channel's sequence ``S`` and epoch;
+from then on the listener accepts a live message only if it is the next one
+(``seq == floor + 1``) of that epoch, or the start of a newer epoch (the channel
+expired or was deleted and started over). Live messages that arrive while the
+fetch is in flight are kept in the feed's ``recent`` ring and replayed to the
+listener once it knows its floor. A message published while the subscription
+was still on its way is re-sent by the worker when the subscription lands (its
+last-value cache); any message whose sequence jumps past ``floor + 1`` makes the
+listener fetch the gap from the worker. So nothing is lost, and duplicates are
+dropped by sequence.
+
+Each message is encoded for the JSON transports once (``Item.json``) and the
+same bytes go to every listener.
+"""
+
+import asyncio
+from collections import deque
+import logging
+import time
+
+from . import httpwire
+from .backend import BackendError
+
+log = logging.getLogger("firehose.fanout")
+
+RECENT_SIZE = 64
+
+
+class Item:
+    """One message as delivered to listeners; its JSON bodies are built once."""
+
+    __slots__ = ("seq", "data", "_json")
+
+    def __init__(self, seq: int, data: bytes):
+        self.seq = seq
+        self.data = data
+        self._json = None
+
+    def json(self) -> bytes:
+        """``{"message":...,"last_sequence":N}``."""
+        if self._json is None:
+            self._json = httpwire.message_json(self.data, self.seq)
+        return self._json
+
+    def json_with_channel(self, channel: str) -> bytes:
+        return httpwire.message_json(self.data, self.seq, channel)
+
+
+class Listener:
+    """A subscriber of one channel. ``on_items(listener, items)`` gets messages in order;
+    ``on_error(listener, exc)`` a fetch that failed. ``once`` listeners end after one item.
+    """
+
+    __slots__ = ("channel", "once", "on_items", "on_error", "floor", "epoch", "fetching",
+                 "closed", "context")
+
+    def __init__(self, channel: str, on_items, on_error, once: bool, context=None):
+        self.channel = channel
+        self.once = once
+        self.on_items = on_items
+        self.on_error = on_error
+        self.floor = 0
+        self.epoch = 0
+        self.fetching = False
+        self.closed = False
+        self.context = context
+
+
+class Feed:
+    __slots__ = ("channel", "listeners", "recent", "idle_since")
+
+    def __init__(self, channel: str):
+        self.channel = channel
+        self.listeners: set = set()
+        self.recent: deque = deque(maxlen=RECENT_SIZE)
+        self.idle_since = 0.0
+
+
+class Fanout:
+    """Listeners per channel on one edge, fed by the backend's messages."""
+
+    def __init__(self, backend, linger_s: float):
+        self._backend = backend
+        self._linger_s = linger_s
+        self._feeds: dict = {}
+        self._sweeper = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._feeds)
+
+    def listener_count(self) -> int:
+        return sum(len(feed.listeners) for feed in self._feeds.values())
+
+    # -- listeners -------------------------------------------------------------
+
+    def add(self, listener: Listener, last_seq: int) -> None:
+        """Start delivering to ``listener`` what follows ``last_seq``."""
+        feed = self._feeds.get(listener.channel)
+        if feed is None:
+            feed = self._feeds[listener.channel] = Feed(listener.channel)
+            self._backend.subscribe(listener.channel)
+        feed.listeners.add(listener)
+        self._fetch(listener, since=last_seq, after=False)
+
+    def remove(self, listener: Listener) -> None:
+        if listener.closed:
+            return
+        listener.closed = True
+        feed = self._feeds.get(listener.channel)
+        if feed is not None:
+            feed.listeners.discard(listener)
+            if not feed.listeners:
+                feed.idle_since = time.monotonic()
+
+    def _fetch(self, listener: Listener, since: int, after: bool) -> None:
+        listener.fetching = True
+        fields = {"since": since}
+        if after:
+            fields["after"] = True
+        if listener.once:
+            fields["limit"] = 1
+        future = self._backend.request(listener.channel, "fetch", **fields)
+        future.add_done_callback(lambda f: self._fetched(listener, f, after))
+
+    def _fetched(self, listener: Listener, future, after: bool) -> None:
+        if listener.closed:
+            if not future.cancelled():
+                future.exception()  # retrieved, so asyncio does not log it
+            return
+        exc = future.exception()
+        if exc is not None:
+            listener.fetching = False
+            if not isinstance(exc, BackendError):
+                log.error("fetch for %r failed", listener.channel, exc_info=exc)
+            listener.on_error(listener, exc)
+            return
+        reply = future.result()
+        epoch = reply["epoch"]
+        if after and epoch != listener.epoch:
+            # The channel started over while we filled a gap: fill from its start.
+            listener.epoch = epoch
+            listener.floor = 0
+            self._fetch(listener, since=0, after=True)
+            return
+        listener.fetching = False
+        listener.epoch = epoch
+        listener.floor = reply["seq"]
+        items = [Item(seq, data) for seq, data in reply["messages"]]
+        if items:
+            self._deliver(listener, items)
+        if listener.closed:
+            return
+        feed = self._feeds.get(listener.channel)
+        if feed is not None:
+            for message in list(feed.recent):
+                self._offer(listener, message)
+                if listener.closed or listener.fetching:
+                    break
+
+    def _deliver(self, listener: Listener, items) -> None:
+        if listener.once:
+            items = items[:1]
+            self.remove(listener)
+        listener.on_items(listener, items)
+
+    def _offer(self, listener: Listener, message) -> None:
+        """Give a live message to a listener that knows its floor."""
+        if listener.fetching or listener.closed:
+            return
+        if message.epoch < listener.epoch:
+            return
+        if message.epoch > listener.epoch:
+            listener.epoch = message.epoch
+            listener.floor = 0
+        if message.seq <= listener.floor:
+            return
+        if message.seq == listener.floor + 1:
+            listener.floor = message.seq
+            self._deliver(listener, [message.item])
+        else:
+            log.debug("gap on %r: have %d, got %d; fetching", listener.channel,
+                      listener.floor, message.seq)
+            self._fetch(listener, since=listener.floor, after=True)
+
+    # -- messages --------------------------------------------------------------
+
+    def on_message(self, message) -> None:
+        """A channel message from the backend (a ``protocol.PubMessage``)."""
+        feed = self._feeds.get(message.channel)
+        if feed is None:
+            return
+        live = LiveMessage(message.seq, message.epoch, Item(message.seq, message.data))
+        feed.recent.append(live)
+        for listener in list(feed.listeners):
+            self._offer(listener, live)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        idle = [feed for feed in self._feeds.values()
+                if not feed.listeners and now - feed.idle_since >= self._linger_s]
+        for feed in idle:
+            del self._feeds[feed.channel]
+            self._backend.unsubscribe(feed.channel)
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+
+
+class LiveMessage:
+    __slots__ = ("seq", "epoch", "item")
+
+    def __init__(self, seq: int, epoch: int, item: Item):
+        self.seq = seq
+        self.epoch = epoch
+        self.item = item
+
+
+class Poll:
+    """One long-poll over one or more channels: resolves once, with the first message.
+
+    ``future`` gets ``(channel, item)``, ``None`` on timeout, or a BackendError.
+    """
+
+    def __init__(self, fanout: Fanout, subscriptions, timeout_s: float):
+        loop = asyncio.get_running_loop()
+        self.future = loop.create_future()
+        self._fanout = fanout
+        self._listeners = [Listener(sub.channel, self._on_items, self._on_error, once=True)
+                           for sub in subscriptions]
+        self._timer = loop.call_later(timeout_s, self._resolve, None, None)
+        for listener, sub in zip(self._listeners, subscriptions):
+            if self.future.done():
+                break
+            fanout.add(listener, sub.last_sequence)
+
+    def _on_items(self, listener, items) -> None:
+        self._resolve((listener.channel, items[0]), None)
+
+    def _on_error(self, listener, exc) -> None:
+        self._resolve(None, exc)
+
+    def _resolve(self, result, exc) -> None:
+        if self.future.done():
+            return
+        self._timer.cancel()
+        for listener in self._listeners:
+            self._fanout.remove(listener)
+        if exc is not None:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+    def cancel(self) -> None:
+        """Forget the poll (its client went away); the future gets None."""
+        self._resolve(None, None)

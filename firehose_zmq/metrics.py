@@ -1,0 +1,71 @@
+"""Counters in time buckets, reported as Firehose 1.4 did at ``/metrics@firehose``.
+
+Each bucket covers ``bucket_s`` seconds of wall time; the newest ``keep`` buckets
+are kept. A bucket reports ``{"time": <bucket start>, "global": {...},
+"channels": {"/c": {...}}}``; ``global`` also has ``active_channels`` (channels
+with any activity in the bucket) and ``connections`` (connections open at the
+time of the report, or at the end of a closed bucket).
+"""
+
+from collections import OrderedDict
+
+
+class _Bucket:
+    __slots__ = ("time", "global_counts", "channel_counts", "connections")
+
+    def __init__(self, start: int):
+        self.time = start
+        self.global_counts: dict = {}
+        self.channel_counts: dict = {}
+        self.connections = 0
+
+    def as_dict(self) -> dict:
+        counts = dict(self.global_counts)
+        counts["active_channels"] = len(self.channel_counts)
+        counts["connections"] = self.connections
+        return {"time": self.time, "global": counts,
+                "channels": {name: dict(c) for name, c in self.channel_counts.items()}}
+
+
+class TimeSeries:
+    """Counts events per time bucket; ``now`` is always passed in."""
+
+    def __init__(self, bucket_s: int = 5, keep: int = 60):
+        if bucket_s < 1 or keep < 1:
+            raise ValueError("bucket_s and keep must be at least 1")
+        self._bucket_s = bucket_s
+        self._keep = keep
+        self._buckets: OrderedDict = OrderedDict()
+        self.connections = 0
+
+    def _current(self, now: float) -> _Bucket:
+        start = int(now) - int(now) % self._bucket_s
+        bucket = self._buckets.get(start)
+        if bucket is None:
+            bucket = self._buckets[start] = _Bucket(start)
+            while len(self._buckets) > self._keep:
+                self._buckets.popitem(last=False)
+        bucket.connections = self.connections
+        return bucket
+
+    def incr(self, now: float, name: str, channel=None, by: int = 1) -> None:
+        bucket = self._current(now)
+        bucket.global_counts[name] = bucket.global_counts.get(name, 0) + by
+        if channel is not None:
+            counts = bucket.channel_counts.get(channel)
+            if counts is None:
+                counts = bucket.channel_counts[channel] = {}
+            counts[name] = counts.get(name, 0) + by
+
+    def connection_opened(self, now: float) -> None:
+        self.connections += 1
+        self.incr(now, "connections_opened")
+
+    def connection_closed(self, now: float) -> None:
+        self.connections -= 1
+        self.incr(now, "connections_closed")
+
+    def report(self, now: float) -> list:
+        """Every kept bucket, oldest first."""
+        self._current(now)
+        return [bucket.as_dict() for bucket in self._buckets.values()]

@@ -1,0 +1,219 @@
+"""Every ZeroMQ frame format of firehose-zmq, and the only module that uses msgpack.
+
+Version 1 of the wire format (docs/native-zeromq.md is the reader's copy).
+
+Requests: DEALER (edge or native client) -> ROUTER (worker or edge)::
+
+    +--------------------+----------------------------------------------+
+    | [envelope ...]     | added by ROUTER/REQ sockets, echoed verbatim |
+    | body               | msgpack map: {"v": 1, "id": <int|str|bytes>, |
+    |                    |   "op": "publish"|"fetch"|"delete"|"ping",   |
+    |                    |   ...op fields...}                           |
+    +--------------------+----------------------------------------------+
+
+    publish: channel (str), data (bytes), ttl (int >= 0, optional),
+             persist (bool, optional), buffer_size (int >= 0, optional)
+    fetch:   channel (str), since (int), limit (int >= 1, optional),
+             after (bool, optional: every buffered message above ``since``
+             instead of the PROTOCOL.md §5 rules; used to fill gaps)
+    delete:  channel (str)
+    ping:    nothing
+
+Replies: the same envelope, then one msgpack map::
+
+    {"v": 1, "id": <echoed>, "ok": true, ...}
+        publish -> seq, epoch;  fetch -> seq, epoch, messages: [[seq, data], ...]
+        delete  -> existed;     ping  -> worker, ring
+    {"v": 1, "id": <echoed or nil>, "ok": false, "error": <code>, "reason": <str>,
+     "ring": <ring version>}
+
+Messages: worker PUB/XPUB -> edge SUB (and native subscribers)::
+
+    +---------------------------+------------------------------------------+
+    | topic: channel + b"\\x00"  | the zero byte makes topic matching exact |
+    | body                      | msgpack map: channel (str), seq (int),   |
+    |                           | epoch (int), data (bytes), ttl (int|nil) |
+    +---------------------------+------------------------------------------+
+"""
+
+from typing import NamedTuple, Optional
+
+import msgpack
+
+VERSION = 1
+
+# Error codes carried in ``error`` of a failed reply.
+BAD_REQUEST = "bad_request"
+NOT_OWNER = "not_owner"
+UNSUPPORTED_VERSION = "unsupported_version"
+TOO_LARGE = "too_large"
+
+_ENVELOPE_SLACK_BYTES = 64 * 1024
+
+
+class ProtocolError(ValueError):
+    """A frame that does not follow the wire format; ``code`` is the error code."""
+
+    def __init__(self, reason: str, code: str = BAD_REQUEST, request_id=None):
+        super().__init__(reason)
+        self.code = code
+        self.request_id = request_id
+
+
+class PubMessage(NamedTuple):
+    """A channel message as it travels on the PUB sockets."""
+
+    channel: str
+    seq: int
+    epoch: int
+    data: bytes
+    ttl: Optional[int]
+
+
+def topic(channel: str) -> bytes:
+    """The exact SUB topic of a channel."""
+    return channel.encode("utf-8", "surrogateescape") + b"\x00"
+
+
+def _unpack(frame: bytes, max_bytes: int):
+    if len(frame) > max_bytes + _ENVELOPE_SLACK_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes is over the limit", TOO_LARGE)
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True,
+                               max_bin_len=max_bytes, max_str_len=max_bytes)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"body is not msgpack: {exc.__class__.__name__}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _nonneg_int(value) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _positive_int(value) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bytes(value) -> bool:
+    return isinstance(value, bytes)
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool)
+
+
+# op -> {field: (check, what it must be, required)}
+_REQUEST_FIELDS = {
+    "publish": {
+        "channel": (_is_str, "a string", True),
+        "data": (_is_bytes, "bytes", True),
+        "ttl": (_nonneg_int, "an integer >= 0", False),
+        "persist": (_is_bool, "a boolean", False),
+        "buffer_size": (_nonneg_int, "an integer >= 0", False),
+    },
+    "fetch": {
+        "channel": (_is_str, "a string", True),
+        "since": (_is_int, "an integer", True),
+        "limit": (_positive_int, "an integer >= 1", False),
+        "after": (_is_bool, "a boolean", False),
+    },
+    "delete": {"channel": (_is_str, "a string", True)},
+    "ping": {},
+}
+_COMMON_FIELDS = ("v", "id", "op")
+
+
+def encode_request(request: dict) -> bytes:
+    """The body frame of a request (``v`` is added)."""
+    return msgpack.packb({"v": VERSION, **request}, use_bin_type=True)
+
+
+def decode_request(frame: bytes, max_bytes: int) -> dict:
+    """Check a request body field by field; raises ProtocolError."""
+    request = _unpack(frame, max_bytes)
+    if not isinstance(request, dict):
+        raise ProtocolError("body must be a msgpack map")
+    request_id = request.get("id")
+    if not (_is_int(request_id) or isinstance(request_id, (str, bytes))):
+        raise ProtocolError("'id' must be an integer, string or bytes")
+    if request.get("v") != VERSION:
+        raise ProtocolError(f"unsupported protocol version {request.get('v')!r}; this is {VERSION}",
+                            UNSUPPORTED_VERSION, request_id)
+    op = request.get("op")
+    fields = _REQUEST_FIELDS.get(op) if isinstance(op, str) else None
+    if fields is None:
+        raise ProtocolError(f"unknown op {op!r}", request_id=request_id)
+    for name in request:
+        if name not in fields and name not in _COMMON_FIELDS:
+            raise ProtocolError(f"unknown field {name!r} for op {op!r}", request_id=request_id)
+    for name, (check, what, required) in fields.items():
+        if name in request:
+            if not check(request[name]):
+                raise ProtocolError(f"{name!r} must be {what}", request_id=request_id)
+        elif required:
+            raise ProtocolError(f"{op!r} needs {name!r}", request_id=request_id)
+    return request
+
+
+def encode_reply(request_id, **fields) -> bytes:
+    """A successful reply body."""
+    return msgpack.packb({"v": VERSION, "id": request_id, "ok": True, **fields}, use_bin_type=True)
+
+
+def encode_error(request_id, code: str, reason: str, ring_version: str) -> bytes:
+    """A failed reply body."""
+    return msgpack.packb({"v": VERSION, "id": request_id, "ok": False, "error": code,
+                          "reason": reason, "ring": ring_version}, use_bin_type=True)
+
+
+def decode_reply(frame: bytes, max_bytes: int) -> dict:
+    """Check a reply body; raises ProtocolError."""
+    reply = _unpack(frame, max_bytes)
+    if not isinstance(reply, dict) or "id" not in reply or not _is_bool(reply.get("ok")):
+        raise ProtocolError("reply must be a map with 'id' and boolean 'ok'")
+    if reply.get("v") != VERSION:
+        raise ProtocolError(f"unsupported protocol version {reply.get('v')!r}", UNSUPPORTED_VERSION)
+    if reply["ok"]:
+        messages = reply.get("messages")
+        if messages is not None and not (
+            isinstance(messages, list)
+            and all(isinstance(m, list) and len(m) == 2 and _is_int(m[0]) and _is_bytes(m[1])
+                    for m in messages)
+        ):
+            raise ProtocolError("'messages' must be a list of [seq, data] pairs")
+    elif not (_is_str(reply.get("error")) and _is_str(reply.get("reason"))):
+        raise ProtocolError("a failed reply needs string 'error' and 'reason'")
+    return reply
+
+
+def encode_message(message: PubMessage) -> list:
+    """The two frames of a channel message on a PUB socket."""
+    body = msgpack.packb({"channel": message.channel, "seq": message.seq, "epoch": message.epoch,
+                          "data": message.data, "ttl": message.ttl}, use_bin_type=True)
+    return [topic(message.channel), body]
+
+
+def decode_message(frames: list, max_bytes: int) -> PubMessage:
+    """Check a PUB message; raises ProtocolError."""
+    if len(frames) != 2:
+        raise ProtocolError(f"a message has 2 frames, not {len(frames)}")
+    topic_frame, body = frames
+    fields = _unpack(body, max_bytes)
+    if not isinstance(fields, dict):
+        raise ProtocolError("message body must be a msgpack map")
+    channel, seq, epoch = fields.get("channel"), fields.get("seq"), fields.get("epoch")
+    data, ttl = fields.get("data"), fields.get("ttl")
+    if not (_is_str(channel) and _positive_int(seq) and _nonneg_int(epoch) and _is_bytes(data)
+            and (ttl is None or _nonneg_int(ttl))):
+        raise ProtocolError("message needs channel (str), seq (int >= 1), epoch (int), "
+                            "data (bytes), ttl (int or nil)")
+    if topic(channel) != bytes(topic_frame):
+        raise ProtocolError("message topic does not match its channel")
+    return PubMessage(channel, seq, epoch, data, ttl)

@@ -1,0 +1,50 @@
+"""Consistent hashing of channel names over the cluster's worker ids.
+
+Every edge and every worker builds the same ``Ring`` from the same worker list and
+so computes the same owner for a channel. Each worker id is placed on a 64-bit
+circle at ``vnodes`` points; a channel belongs to the first point at or after its
+own hash. The hash is BLAKE2b (never Python's ``hash()``, which differs per
+process), so assignments are stable across processes, hosts and releases.
+Adding one worker to W moves about 1/(W+1) of the channels, all of them to it.
+"""
+
+import bisect
+import hashlib
+
+DEFAULT_VNODES = 160
+
+
+def stable_hash64(data: bytes) -> int:
+    """A 64-bit hash that is the same in every process and on every host."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class Ring:
+    """Maps a channel name to the id of the worker that owns it."""
+
+    def __init__(self, worker_ids, vnodes: int = DEFAULT_VNODES):
+        ids = list(worker_ids)
+        if not ids:
+            raise ValueError("a ring needs at least one worker id")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate worker ids in {ids!r}")
+        if vnodes < 1:
+            raise ValueError("vnodes must be at least 1")
+        points = sorted(
+            (stable_hash64(f"{worker_id}#{i}".encode()), worker_id)
+            for worker_id in ids
+            for i in range(vnodes)
+        )
+        self._hashes = [point for point, _ in points]
+        self._owners = [worker_id for _, worker_id in points]
+        self.worker_ids = tuple(sorted(ids))
+        identity = "\n".join(self.worker_ids) + f"\nvnodes={vnodes}"
+        self.version = hashlib.blake2b(identity.encode(), digest_size=4).hexdigest()
+
+    def owner(self, channel: str) -> str:
+        """The worker id that owns ``channel``."""
+        point = stable_hash64(channel.encode("utf-8", "surrogateescape"))
+        i = bisect.bisect_left(self._hashes, point)
+        if i == len(self._hashes):
+            i = 0
+        return self._owners[i]

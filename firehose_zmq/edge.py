@@ -26,6 +26,9 @@ from .metrics import TimeSeries
 log = logging.getLogger("firehose.edge")
 
 JSON_TYPE = "application/json"
+# A PUT body up to this many times the message limit is read and dropped before
+# the 413; a larger one is refused at once.
+_DISCARD_LIMIT_FACTOR = 4
 
 
 class Edge:
@@ -110,6 +113,11 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def set_default_headers(self):
         self.clear_header("Content-Type")
+
+    def prepare(self):
+        self.set_cors_headers()
+
+    def set_cors_headers(self) -> None:
         origin = self.request.headers.get("Origin")
         if origin:
             allowed = self.edge.config.edge.cors_allow_origins
@@ -121,7 +129,6 @@ class BaseHandler(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None))[1]
         reason = getattr(exc, "log_message", None) or self._reason
         if status_code == 405:
-            self.set_header("Allow", self.allow)
             reason = f"Method {self.request.method} is not allowed here; use {self.allow}"
         self.answer(status_code, reason)
 
@@ -130,7 +137,10 @@ class BaseHandler(tornado.web.RequestHandler):
         if self._finished:
             return
         self.clear()
+        self.set_cors_headers()
         self.set_status(status)
+        if status == 405:
+            self.set_header("Allow", self.allow)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish(reason.replace("\n", " ") + "\n")
 
@@ -197,9 +207,10 @@ class ChannelHandler(BaseHandler):
     """Every channel path: PUT publishes, GET long-polls, HEAD checks health."""
 
     def prepare(self):
+        super().prepare()
         self.channel = None
         self.body_parts = []
-        self.body_bytes = 0
+        self.body_too_large = False
         method = self.request.method
         if method in ("POST", "PATCH"):
             raise tornado.web.HTTPError(405)
@@ -214,19 +225,30 @@ class ChannelHandler(BaseHandler):
         if method == "PUT":
             limit = self.edge.limits.max_message_bytes
             length = self.request.headers.get("Content-Length", "0")
-            if length.isdigit() and int(length) > limit:
-                self.answer(413, f"Message body is larger than {limit} bytes")
-                self.request.connection.close()
-                return
-            self.request.connection.set_max_body_size(limit)
+            length = int(length) if length.isdigit() else 0
+            if length > limit:
+                self.body_too_large = True
+                if length > _DISCARD_LIMIT_FACTOR * limit:
+                    # Not worth reading: answer now and drop the connection.
+                    self.answer(413, f"Message body is larger than {limit} bytes")
+                    self.request.connection.close()
+                    return
+                # Read and drop the body, then answer: a client still sending when
+                # the connection closes would see a reset instead of the 413.
+                self.request.connection.set_max_body_size(length)
+            else:
+                self.request.connection.set_max_body_size(limit)
 
     def data_received(self, chunk):
+        if self.body_too_large:
+            return
         self.body_parts.append(chunk)
-        self.body_bytes += len(chunk)
 
     async def put(self, *args):
         edge = self.edge
         limits = edge.limits
+        if self.body_too_large:
+            return self.answer(413, f"Message body is larger than {limits.max_message_bytes} bytes")
         try:
             options = httpwire.parse_publish_headers(self.request.headers, limits.default_ttl_s,
                                                      limits.default_buffer_size,

@@ -1,0 +1,163 @@
+"""Real clusters for the integration tests: worker and edge processes on free loopback ports.
+
+``Cluster`` writes a config file, starts ``firehose-worker`` and ``firehose-edge``
+from this virtualenv, waits (bounded) for each to say it is ready by reading its
+log, and always stops what it started.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+READY_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A child process whose log lines are collected and can be waited for."""
+
+    def __init__(self, name: str, argv: list, env=None):
+        self.name = name
+        self.lines: list = []
+        self._cond = threading.Condition()
+        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env=env, text=True, bufsize=1)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout_s: float = READY_TIMEOUT_S, start: int = 0) -> int:
+        """Wait until a log line from index ``start`` on matches; returns its index."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            index = start
+            while True:
+                while index < len(self.lines):
+                    if regex.search(self.lines[index]):
+                        return index
+                    index += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.popen.poll() is not None and index >= len(self.lines)
+                                      and not self._thread.is_alive()):
+                    raise AssertionError(f"{self.name}: no log line matching {pattern!r} within "
+                                         f"{timeout_s} s; log:\n" + "\n".join(self.lines[-40:]))
+                self._cond.wait(remaining)
+
+    def log_text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def signal(self, signum) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout_s)
+        self._thread.join(timeout_s)
+        return self.popen.returncode
+
+
+class Cluster:
+    """Workers and one edge on free ports; ``url(path)`` addresses the edge."""
+
+    def __init__(self, tmp_path, worker_ids=("w1", "w2"), long_poll_timeout_s: float = 3.0,
+                 extra_config: str = ""):
+        self.tmp_path = Path(tmp_path)
+        self.worker_ids = list(worker_ids)
+        self.http_port = free_port()
+        self.endpoints = {}
+        lines = []
+        for worker_id in self.worker_ids:
+            router, pub = free_port(), free_port()
+            self.endpoints[worker_id] = (f"tcp://127.0.0.1:{router}", f"tcp://127.0.0.1:{pub}")
+            lines += ["[[workers]]", f'id = "{worker_id}"',
+                      f'router_bind = "tcp://127.0.0.1:{router}"',
+                      f'router_connect = "tcp://127.0.0.1:{router}"',
+                      f'pub_bind = "tcp://127.0.0.1:{pub}"',
+                      f'pub_connect = "tcp://127.0.0.1:{pub}"', ""]
+        lines += ["[edge]", 'host = "127.0.0.1"', f"port = {self.http_port}",
+                  f"long_poll_timeout_s = {long_poll_timeout_s}", extra_config]
+        self.config_path = self.tmp_path / "cluster.toml"
+        self.config_path.write_text("\n".join(lines) + "\n")
+        self.workers: dict = {}
+        self.edge = None
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("PORT", "FIREHOSE_LONG_POLL_TIMEOUT")}
+
+    def start(self) -> "Cluster":
+        try:
+            for worker_id in self.worker_ids:
+                self.start_worker(worker_id)
+            self.edge = Process("edge", [str(BIN / "firehose-edge"), "--config",
+                                         str(self.config_path)], self.env)
+            self.edge.wait_for("edge listening")
+            for worker_id in self.worker_ids:
+                self.edge.wait_for(f"worker {worker_id} up")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_worker(self, worker_id: str) -> Process:
+        process = Process(f"worker {worker_id}", [str(BIN / "firehose-worker"), "--config",
+                                                  str(self.config_path), "--id", worker_id],
+                          self.env)
+        self.workers[worker_id] = process
+        process.wait_for(f"worker {worker_id} ready")
+        return process
+
+    def kill_worker(self, worker_id: str) -> None:
+        process = self.workers[worker_id]
+        process.signal(signal.SIGKILL)
+        process.popen.wait(10)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def stop(self) -> None:
+        for process in [self.edge, *self.workers.values()]:
+            if process is not None:
+                process.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def channel_on(worker_id: str, worker_ids, prefix: str = "/ch") -> str:
+    """A channel name that the ring gives to ``worker_id``."""
+    from firehose_zmq.ring import Ring
+    ring = Ring(list(worker_ids))
+    for i in range(10000):
+        name = f"{prefix}-{i}"
+        if ring.owner(name) == worker_id:
+            return name
+    raise AssertionError(f"no channel for {worker_id}")

@@ -35,6 +35,14 @@ class EdgeConfig:
     cors_allow_origins: tuple = ()
     metrics_bucket_s: int = 5
     metrics_buckets: int = 60
+    # WebSocket and Server-Sent Events (PROTOCOL.md §6-7)
+    ws_ping_interval_s: float = 20.0  # protocol-level pings ...
+    ws_ping_timeout_s: float = 20.0  # ... a socket without a pong this long after one is closed
+    ws_max_frame_bytes: int = 1024 * 1024  # a larger client frame closes the socket (1009)
+    stream_queue_limit_bytes: int = 4 * 1024 * 1024  # a reader further behind is disconnected
+    stream_max_channels: int = 1000  # channels on one multiplexed WebSocket or event stream
+    sse_keepalive_s: float = 15.0  # a comment line this often keeps idle event streams open
+    sse_retry_ms: int = 2000  # the reconnect delay sent to browsers (EventSource "retry:")
 
 
 @dataclass(frozen=True)

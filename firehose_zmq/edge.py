@@ -1,4 +1,4 @@
-"""firehose-edge: the HTTP face of the cluster (Tornado), PROTOCOL.md §1-5 and §9.
+"""firehose-edge: the HTTP face of the cluster (Tornado), PROTOCOL.md §1-7 and §9.
 
 The edge keeps no channel state of its own: every publish and every fetch goes to
 the owning worker over ``backend``; waiting subscribers sit in ``fanout``, which
@@ -16,7 +16,7 @@ import time
 import tornado.httpserver
 import tornado.web
 
-from . import httpwire
+from . import httpwire, streams
 from .backend import Backend, BackendError, RequestRejected, WorkerUnavailable
 from .config import ConfigError, load_config
 from .fanout import Fanout, Poll
@@ -41,6 +41,7 @@ class Edge:
         self.backend = Backend(config, self._on_message, context=context)
         self.fanout = Fanout(self.backend, config.edge.subscription_linger_s)
         self.polls: set = set()
+        self.streams: set = set()  # open WebSockets and event streams (streams.py)
         self.server = None
 
     def _on_message(self, message) -> None:
@@ -67,6 +68,8 @@ class Edge:
             self.server.stop()
         for poll in list(self.polls):
             poll.cancel()
+        for stream in list(self.streams):
+            stream.shutdown()
         if self.server is not None:
             try:
                 await asyncio.wait_for(self.server.close_all_connections(), 2.0)
@@ -74,6 +77,11 @@ class Edge:
                 log.warning("some connections did not close within 2 s")
         self.fanout.close()
         self.backend.close()
+
+    def allows_origin(self, origin: str) -> bool:
+        """True when a page from ``origin`` may use this edge (CORS, WebSocket)."""
+        allowed = self.config.edge.cors_allow_origins
+        return not allowed or origin in allowed
 
     def poll(self, subscriptions) -> Poll:
         poll = Poll(self.fanout, subscriptions, self.config.edge.long_poll_timeout_s)
@@ -120,8 +128,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def set_cors_headers(self) -> None:
         origin = self.request.headers.get("Origin")
         if origin:
-            allowed = self.edge.config.edge.cors_allow_origins
-            if not allowed or origin in allowed:
+            if self.edge.allows_origin(origin):
                 self.set_header("Access-Control-Allow-Origin", origin)
                 self.set_header("Vary", "Origin")
 
@@ -277,7 +284,10 @@ class ChannelHandler(BaseHandler):
             return self.answer(exc.status, exc.reason)
         params = {name: self.get_query_argument(name) for name in self.request.query_arguments
                   if name != "last_message_sequence"}
-        await self.long_poll([Subscription(self.channel, last_seq, params)], multiplexed=False)
+        subscriptions = [Subscription(self.channel, last_seq, params)]
+        if streams.wants_event_stream(self.request):
+            return await streams.serve_event_stream(self, self.edge, subscriptions, False)
+        await self.long_poll(subscriptions, multiplexed=False)
 
     def head(self, *args):
         self.health(self.channel)
@@ -303,16 +313,19 @@ class MultiplexHandler(BaseHandler):
 
     async def get(self):
         await self._subscribe(lambda: httpwire.parse_subscribe_query(
-            self.get_query_argument("subscribe", None)))
+            self.get_query_argument("subscribe", None)),
+            event_stream=streams.wants_event_stream(self.request))
 
     async def post(self):
         await self._subscribe(lambda: httpwire.parse_subscribe_body(self.request.body))
 
-    async def _subscribe(self, parse):
+    async def _subscribe(self, parse, event_stream: bool = False):
         try:
             subscriptions = parse()
         except HttpError as exc:
             return self.answer_json(httpwire.subscription_failed_json(exc.reason), exc.status)
+        if event_stream:
+            return await streams.serve_event_stream(self, self.edge, subscriptions, True)
         await self.long_poll(subscriptions, multiplexed=True)
 
     def put(self):
@@ -348,10 +361,12 @@ class MetricsHandler(BaseHandler):
 def make_app(edge: Edge) -> tornado.web.Application:
     deps = {"edge": edge}
     return tornado.web.Application([
+        *streams.stream_rules(deps),
         (r"/channels@firehose", MultiplexHandler, deps),
         (r"/metrics@firehose", MetricsHandler, deps),
         (r"/.*", ChannelHandler, deps),
-    ], compress_response=False, log_function=_log_request)
+    ], compress_response=False, log_function=_log_request,
+        **streams.websocket_settings(edge.config.edge))
 
 
 def _log_request(handler) -> None:

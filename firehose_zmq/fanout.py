@@ -41,12 +41,14 @@ RECENT_SIZE = 64
 class Item:
     """One message as delivered to listeners; its JSON bodies are built once."""
 
-    __slots__ = ("seq", "data", "_json")
+    __slots__ = ("seq", "data", "_json", "_json_channel", "_encoded")
 
     def __init__(self, seq: int, data: bytes):
         self.seq = seq
         self.data = data
         self._json = None
+        self._json_channel = None
+        self._encoded = None
 
     def json(self) -> bytes:
         """``{"message":...,"last_sequence":N}``."""
@@ -55,22 +57,42 @@ class Item:
         return self._json
 
     def json_with_channel(self, channel: str) -> bytes:
-        return httpwire.message_json(self.data, self.seq, channel)
+        """``{"channel":...,"message":...,"last_sequence":N}``."""
+        cached = self._json_channel
+        if cached is None or cached[0] != channel:
+            cached = self._json_channel = (channel, httpwire.message_json(self.data, self.seq,
+                                                                          channel))
+        return cached[1]
+
+    def encoded(self, encoder) -> bytes:
+        """``encoder(seq, data)``, built once per item and encoder: every listener of a
+        transport gets the same bytes."""
+        if self._encoded is None:
+            self._encoded = {}
+        body = self._encoded.get(encoder)
+        if body is None:
+            body = self._encoded[encoder] = encoder(self.seq, self.data)
+        return body
 
 
 class Listener:
     """A subscriber of one channel. ``on_items(listener, items)`` gets messages in order;
     ``on_error(listener, exc)`` a fetch that failed. ``once`` listeners end after one item.
+    ``on_ready(listener)``, if given, is called exactly once, when the first fetch has
+    ended (after its messages were delivered, or after ``on_error``, or when the
+    listener was removed meanwhile); streams use it to order their replies.
     """
 
-    __slots__ = ("channel", "once", "on_items", "on_error", "floor", "epoch", "fetching",
-                 "closed", "context")
+    __slots__ = ("channel", "once", "on_items", "on_error", "on_ready", "floor", "epoch",
+                 "fetching", "closed", "context")
 
-    def __init__(self, channel: str, on_items, on_error, once: bool, context=None):
+    def __init__(self, channel: str, on_items, on_error, once: bool, context=None,
+                 on_ready=None):
         self.channel = channel
         self.once = once
         self.on_items = on_items
         self.on_error = on_error
+        self.on_ready = on_ready
         self.floor = 0
         self.epoch = 0
         self.fetching = False
@@ -143,6 +165,13 @@ class Fanout:
         future.add_done_callback(lambda f: self._fetched(listener, f, after))
 
     def _fetched(self, listener: Listener, future, after: bool) -> None:
+        try:
+            self._apply_fetch(listener, future, after)
+        finally:
+            if not after and listener.on_ready is not None:
+                listener.on_ready(listener)
+
+    def _apply_fetch(self, listener: Listener, future, after: bool) -> None:
         if listener.closed:
             if not future.cancelled():
                 future.exception()  # retrieved, so asyncio does not log it

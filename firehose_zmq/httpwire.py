@@ -141,6 +141,11 @@ def _checked_name(name) -> str:
     return channel
 
 
+def subscription_channel(name) -> str:
+    """A channel name from a subscription (query, JSON body, WebSocket frame); raises HttpError."""
+    return _checked_name(name)
+
+
 def _add(subscriptions: dict, channel: str, seq: int, params: dict) -> None:
     subscriptions.setdefault(channel, Subscription(channel, seq, params))
 

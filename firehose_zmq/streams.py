@@ -1,0 +1,482 @@
+"""WebSocket and Server-Sent Events on the edge (PROTOCOL.md §6-7).
+
+Theory of operation
+-------------------
+A stream is a connection that holds one ``fanout.Listener`` (``once=False``) per
+channel it subscribes to: the subscribe-then-fetch mechanism of long-poll, so
+the replay and the live messages reach ``on_items`` in order and without
+duplicates. Each message's bytes are built once per item (``Item.json``,
+``Item.json_with_channel``, ``Item.encoded(channel_event)``) and shared by every
+stream on the edge.
+
+Ordering: a WebSocket's frames are handled one at a time (``on_message`` is a
+coroutine, and Tornado reads the next frame only when it has returned); a
+subscribe returns when its first fetch has been delivered (``on_ready``), so a
+pong written after it follows the replayed messages.
+
+Slow readers: the future of every write tells when its bytes were handed to the
+kernel; ``Outbox`` sums the bytes still queued in user space. When messages
+arrive for a connection whose queue is over ``stream_queue_limit_bytes``, the
+reader has fallen behind: it is disconnected (WebSocket close 1008; an event
+stream is cut) and counted as ``slow_readers_closed`` in the metrics. A batch is
+always written whole, so a replay of any size reaches a reader that keeps up.
+
+Dead peers: Tornado's protocol-level pings (``websocket_ping_interval`` and
+``websocket_ping_timeout``) close a WebSocket that stops answering; an event
+stream's keep-alive comments make writes to a dead peer fail.
+
+Routing: ``stream_rules`` are Tornado rules that send a GET carrying
+``Upgrade: websocket`` to the socket handlers, before the path rules of the
+long-poll handlers see it. Event streams are plain GET responses: the long-poll
+handlers delegate to ``serve_event_stream`` when the request accepts
+``text/event-stream``.
+
+Edge shutdown drops WebSockets without a closing handshake: the Firehose
+JavaScript client reconnects after an unclean close only, and a restarting edge
+wants its clients back. Event streams end normally; browsers reconnect them.
+"""
+
+import asyncio
+import logging
+import time
+
+import tornado.routing
+import tornado.websocket
+
+from . import httpwire, streamwire
+from .backend import BackendError
+from .fanout import Listener
+from .httpwire import HttpError
+
+log = logging.getLogger("firehose.streams")
+
+EVENT_STREAM_TYPE = "text/event-stream"
+
+
+class Outbox:
+    """The bytes of one connection written but not yet handed to the kernel."""
+
+    __slots__ = ("limit_bytes", "pending_bytes")
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.pending_bytes = 0
+
+    def behind(self) -> bool:
+        """True when the reader has more than the limit waiting for it."""
+        return self.pending_bytes > self.limit_bytes
+
+    def track(self, future, size: int) -> None:
+        """Count ``size`` bytes until ``future`` (their write) resolves."""
+        self.pending_bytes += size
+        future.add_done_callback(lambda f: self._written(f, size))
+
+    def _written(self, future, size: int) -> None:
+        self.pending_bytes -= size
+        if not future.cancelled():
+            future.exception()  # a write to a closed connection is not an error here
+
+
+def _resolve(future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _ready_callback(listener) -> None:
+    _resolve(listener.context)
+
+
+def _is_initial(listener) -> bool:
+    """True while the listener's first fetch has not ended."""
+    return not listener.context.done()
+
+
+# -- routing -----------------------------------------------------------------------
+
+class WebSocketUpgrade(tornado.routing.Matcher):
+    """Matches a GET asking for ``Upgrade: websocket`` on a path matching ``pattern``."""
+
+    def __init__(self, pattern: str):
+        self._path = tornado.routing.PathMatches(pattern)
+
+    def match(self, request):
+        if request.method != "GET" or \
+                request.headers.get("Upgrade", "").strip().lower() != "websocket":
+            return None
+        return self._path.match(request)
+
+
+def stream_rules(deps: dict) -> list:
+    """The rules for the WebSocket handlers; they go before the long-poll rules."""
+    return [
+        tornado.routing.Rule(WebSocketUpgrade(r"/channels@firehose"), MultiplexSocket, deps),
+        tornado.routing.Rule(WebSocketUpgrade(r"/.*"), ChannelSocket, deps),
+    ]
+
+
+def websocket_settings(edge_config) -> dict:
+    """Tornado application settings for the WebSocket handlers."""
+    return {"websocket_ping_interval": edge_config.ws_ping_interval_s,
+            "websocket_ping_timeout": edge_config.ws_ping_timeout_s,
+            "websocket_max_message_size": edge_config.ws_max_frame_bytes}
+
+
+def wants_event_stream(request) -> bool:
+    return EVENT_STREAM_TYPE in request.headers.get("Accept", "")
+
+
+# -- WebSocket ---------------------------------------------------------------------
+
+class _Socket(tornado.websocket.WebSocketHandler):
+    """A Firehose WebSocket: ping/pong, subscriptions, bounded output.
+
+    Subclasses parse the upgrade URL (``url_subscriptions``) and the client's
+    frames (``parse_frame``), and say how a message becomes a frame.
+    """
+
+    multiplexed = False
+
+    def initialize(self, edge):
+        self.edge = edge
+        self.listeners: dict = {}  # channel -> Listener
+        self.outbox = Outbox(edge.config.edge.stream_queue_limit_bytes)
+        self.ended = False
+        self.initial_subscriptions = ()
+
+    def check_origin(self, origin: str) -> bool:
+        return self.edge.allows_origin(origin)
+
+    async def get(self, *args, **kwargs):
+        try:
+            self.initial_subscriptions = self.url_subscriptions()
+        except HttpError as exc:
+            self.set_status(exc.status)
+            self.set_header("Content-Type", "application/json")
+            return self.finish(streamwire.subscription_failed_frame(exc.reason))
+        await super().get(*args, **kwargs)
+
+    def url_subscriptions(self):
+        raise NotImplementedError
+
+    def parse_frame(self, text):
+        raise NotImplementedError
+
+    def frame_for(self, channel: str, item) -> bytes:
+        raise NotImplementedError
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def open(self, *args, **kwargs):
+        self.edge.streams.add(self)
+        self.edge.metrics.incr(time.time(), "websocket_opened")
+        if self.initial_subscriptions:
+            await self.subscribe(self.initial_subscriptions)
+
+    def on_close(self):
+        self.end()
+        self.edge.streams.discard(self)
+
+    def end(self) -> None:
+        """Stop every subscription of this socket."""
+        self.ended = True
+        listeners, self.listeners = self.listeners, {}
+        for listener in listeners.values():
+            self.edge.fanout.remove(listener)
+
+    def shutdown(self) -> None:
+        """The edge is stopping: drop the connection (unclean, so clients reconnect)."""
+        self.end()
+        connection = self.ws_connection
+        if connection is not None and connection.stream is not None:
+            connection.stream.close()
+
+    def close_slow(self) -> None:
+        self.edge.metrics.incr(time.time(), "slow_readers_closed")
+        log.info("closing a WebSocket from %s: %d bytes behind", self.request.remote_ip,
+                 self.outbox.pending_bytes)
+        self.end()
+        self.close(1008, "the client reads too slowly")
+
+    # -- frames in ---------------------------------------------------------------
+
+    async def on_message(self, text):
+        if isinstance(text, bytes):
+            result = streamwire.Ignored("binary frames are not part of the protocol")
+        else:
+            result = self.parse_frame(text)
+        if result is streamwire.PING:
+            self.send(streamwire.PONG_FRAME)
+        elif isinstance(result, streamwire.Subscribe):
+            await self.subscribe(result.subscriptions)
+        elif isinstance(result, streamwire.Unsubscribe):
+            self.unsubscribe(result.channels)
+        elif isinstance(result, streamwire.Rejected):
+            self.count_bad_frame(result.reason)
+            self.send(streamwire.subscription_failed_frame(result.reason))
+        else:
+            self.count_bad_frame(result.reason)
+
+    def count_bad_frame(self, reason: str) -> None:
+        self.edge.metrics.incr(time.time(), "websocket_bad_frames")
+        log.debug("bad frame from %s: %s", self.request.remote_ip, reason)
+
+    async def subscribe(self, subscriptions) -> None:
+        """Subscribe to the channels not subscribed yet; returns once each has replayed."""
+        if self.ended:
+            return
+        fresh = [sub for sub in subscriptions if sub.channel not in self.listeners]
+        limit = self.edge.config.edge.stream_max_channels
+        if len(self.listeners) + len(fresh) > limit:
+            reason = f"a socket may subscribe to at most {limit} channels"
+            self.count_bad_frame(reason)
+            self.send(streamwire.subscription_failed_frame(reason))
+            return
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        waits = []
+        for sub in fresh:
+            ready = loop.create_future()
+            listener = Listener(sub.channel, self.on_items, self.on_error, once=False,
+                                context=ready, on_ready=_ready_callback)
+            self.listeners[sub.channel] = listener
+            self.edge.metrics.incr(now, "subscribed_multiplexed" if self.multiplexed
+                                   else "subscribed", sub.channel)
+            self.edge.fanout.add(listener, sub.last_sequence)
+            waits.append(ready)
+        if waits:
+            await asyncio.gather(*waits)
+
+    def unsubscribe(self, channels) -> None:
+        for channel in channels:
+            listener = self.listeners.pop(channel, None)
+            if listener is not None:
+                self.edge.fanout.remove(listener)
+
+    # -- frames out --------------------------------------------------------------
+
+    def on_items(self, listener, items) -> None:
+        if self.ended:
+            return
+        if self.outbox.behind():
+            return self.close_slow()
+        for item in items:
+            self.send(self.frame_for(listener.channel, item))
+
+    def on_error(self, listener, exc) -> None:
+        if not _is_initial(listener):
+            # The listener fetches the gap again on the channel's next message.
+            log.debug("filling a gap on %r failed: %s", listener.channel, exc)
+            return
+        self.subscription_unavailable(listener, exc)
+
+    def subscription_unavailable(self, listener, exc: BackendError) -> None:
+        raise NotImplementedError
+
+    def send(self, frame: bytes) -> None:
+        try:
+            written = self.write_message(frame)
+        except tornado.websocket.WebSocketClosedError:
+            self.end()
+            return
+        self.outbox.track(written, len(frame))
+
+
+class ChannelSocket(_Socket):
+    """A WebSocket on one channel: its first subscribe frame subscribes."""
+
+    def url_subscriptions(self):
+        self.channel = httpwire.channel_from_path(self.request.path)
+        if httpwire.is_reserved(self.channel):
+            raise HttpError(404, f"Unknown endpoint {self.channel}")
+        self.url_params = {name: self.get_query_argument(name)
+                           for name in self.request.query_arguments
+                           if name != "last_message_sequence"}
+        return ()
+
+    def parse_frame(self, text):
+        return streamwire.parse_channel_frame(text, self.channel, self.url_params)
+
+    def frame_for(self, channel: str, item) -> bytes:
+        return item.json()
+
+    def subscription_unavailable(self, listener, exc) -> None:
+        # An unclean close: the Firehose JavaScript client reconnects and resumes.
+        log.info("WebSocket on %r: %s; dropping the connection", listener.channel, exc)
+        self.shutdown()
+
+
+class MultiplexSocket(_Socket):
+    """A WebSocket on ``/channels@firehose``: ``?subscribe=`` and multiplex frames."""
+
+    multiplexed = True
+
+    def url_subscriptions(self):
+        value = self.get_query_argument("subscribe", None)
+        if not value:
+            return ()
+        return httpwire.parse_subscribe_query(value)
+
+    def parse_frame(self, text):
+        return streamwire.parse_multiplex_frame(text)
+
+    def frame_for(self, channel: str, item) -> bytes:
+        return item.json_with_channel(channel)
+
+    def subscription_unavailable(self, listener, exc) -> None:
+        if self.listeners.get(listener.channel) is listener:
+            self.unsubscribe([listener.channel])
+        self.send(streamwire.subscription_failed_frame(f"Service unavailable: {exc}",
+                                                       listener.channel))
+
+
+# -- Server-Sent Events --------------------------------------------------------------
+
+async def serve_event_stream(handler, edge, subscriptions, multiplexed: bool) -> None:
+    """Answer ``handler``'s GET with an event stream of ``subscriptions``.
+
+    ``Last-Event-ID`` wins over the sequences of ``subscriptions``. Errors are
+    answered with ``handler.answer(status, reason)``. While the stream runs,
+    ``handler.poll_in_flight`` is the stream, so the client going away ends it;
+    returns when the stream has ended.
+    """
+    last_event_id = handler.request.headers.get("Last-Event-ID")
+    try:
+        if multiplexed:
+            resume = streamwire.parse_multiplex_event_id(last_event_id)
+            subscriptions = [sub._replace(last_sequence=resume.get(sub.channel,
+                                                                   sub.last_sequence))
+                             for sub in subscriptions]
+        else:
+            seq = streamwire.parse_last_event_id(last_event_id)
+            if seq is not None:
+                subscriptions = [sub._replace(last_sequence=seq) for sub in subscriptions]
+    except HttpError as exc:
+        return handler.answer(exc.status, exc.reason)
+    limit = edge.config.edge.stream_max_channels
+    if len(subscriptions) > limit:
+        return handler.answer(400, f"an event stream may subscribe to at most {limit} channels")
+    await EventStream(handler, edge, subscriptions, multiplexed).run()
+
+
+class EventStream:
+    """One ``text/event-stream`` response over one or more channels."""
+
+    def __init__(self, handler, edge, subscriptions, multiplexed: bool):
+        self.handler = handler
+        self.edge = edge
+        self.subscriptions = subscriptions
+        self.multiplexed = multiplexed
+        self.positions = {sub.channel: sub.last_sequence for sub in subscriptions}
+        self.listeners: list = []
+        self.outbox = Outbox(edge.config.edge.stream_queue_limit_bytes)
+        self.done = asyncio.get_running_loop().create_future()
+        self.started = False
+        self.unflushed = 0
+        self._keepalive = None
+
+    async def run(self) -> None:
+        handler, edge = self.handler, self.edge
+        handler.set_status(200)
+        handler.set_header("Content-Type", EVENT_STREAM_TYPE + "; charset=utf-8")
+        handler.set_header("Cache-Control", "no-cache")
+        handler.set_header("X-Accel-Buffering", "no")
+        handler.poll_in_flight = self
+        edge.streams.add(self)
+        edge.metrics.incr(time.time(), "event_stream_opened")
+        self.write(streamwire.retry_field(edge.config.edge.sse_retry_ms))
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        waits = []
+        for sub in self.subscriptions:
+            ready = loop.create_future()
+            listener = Listener(sub.channel, self.on_items, self.on_error, once=False,
+                                context=ready, on_ready=_ready_callback)
+            self.listeners.append(listener)
+            edge.metrics.incr(now, "subscribed_multiplexed" if self.multiplexed
+                              else "subscribed", sub.channel)
+            edge.fanout.add(listener, sub.last_sequence)
+            waits.append(ready)
+        try:
+            # The headers go out once every channel has replayed: an open
+            # EventSource is a subscribed one.
+            await asyncio.gather(*waits)
+            if not self.done.done():
+                self.started = True
+                self.flush()
+                self._schedule_keepalive()
+                await self.done
+        finally:
+            self.end()
+            edge.streams.discard(self)
+            handler.poll_in_flight = None
+        if not handler.client_gone:
+            handler.finish()
+
+    def end(self) -> None:
+        _resolve(self.done)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            self.edge.fanout.remove(listener)
+
+    def cancel(self) -> None:
+        """The client went away."""
+        self.end()
+
+    def shutdown(self) -> None:
+        """The edge is stopping: end the response; browsers reconnect."""
+        self.end()
+
+    def cut_slow(self) -> None:
+        self.edge.metrics.incr(time.time(), "slow_readers_closed")
+        log.info("cutting an event stream to %s: %d bytes behind",
+                 self.handler.request.remote_ip, self.outbox.pending_bytes)
+        self.end()
+        self.handler.request.connection.close()
+
+    def write(self, chunk: bytes) -> None:
+        self.handler.write(chunk)
+        self.unflushed += len(chunk)
+
+    def flush(self) -> None:
+        size, self.unflushed = self.unflushed, 0
+        self.outbox.track(self.handler.flush(), size)
+
+    def on_items(self, listener, items) -> None:
+        if self.done.done():
+            return
+        if self.outbox.behind():
+            return self.cut_slow()
+        for item in items:
+            if self.multiplexed:
+                self.positions[listener.channel] = item.seq
+                event_id = streamwire.multiplex_event_id(self.positions)
+                self.write(streamwire.multiplex_event(event_id,
+                                                      item.json_with_channel(listener.channel)))
+            else:
+                self.write(item.encoded(streamwire.channel_event))
+        if self.started:
+            self.flush()
+
+    def on_error(self, listener, exc) -> None:
+        if not _is_initial(listener):
+            log.debug("filling a gap on %r failed: %s", listener.channel, exc)
+            return
+        # End the response: the browser reconnects after ``retry`` and resumes.
+        log.info("event stream on %r: %s; ending it", listener.channel, exc)
+        self.end()
+
+    def _schedule_keepalive(self) -> None:
+        delay = self.edge.config.edge.sse_keepalive_s
+        self._keepalive = asyncio.get_running_loop().call_later(delay, self._keep_alive)
+
+    def _keep_alive(self) -> None:
+        if self.done.done():
+            return
+        if self.outbox.behind():
+            return self.cut_slow()
+        self.write(streamwire.KEEPALIVE_COMMENT)
+        self.flush()
+        self._schedule_keepalive()

@@ -134,15 +134,22 @@ class EventStreamReader:
         self.response = self.conn.getresponse()
         self.status = self.response.status
         self.headers = {k.lower(): v for k, v in self.response.getheaders()}
+        self.buffer = b""
+
+    def _read_line(self) -> str:
+        while b"\n" not in self.buffer:
+            chunk = self.response.read1(65536)
+            if not chunk:
+                raise EOFError("the event stream ended")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode("utf-8")
 
     def read_block(self) -> list:
         """The lines of the next block (an event, a comment, a retry), without the blank."""
         lines = []
         while True:
-            raw = self.response.readline()
-            if not raw:
-                raise EOFError("the event stream ended")
-            line = raw.decode("utf-8").rstrip("\n")
+            line = self._read_line()
             if line == "":
                 if lines:
                     return lines
@@ -151,7 +158,10 @@ class EventStreamReader:
 
     def read_event(self) -> dict:
         """The next event, skipping comments and retry blocks: ``{"id":..., "data":...}``."""
+        deadline = time.monotonic() + FRAME_TIMEOUT_S
         while True:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no event within {FRAME_TIMEOUT_S} s")
             lines = self.read_block()
             fields = [line.split(": ", 1) if ": " in line else [line.rstrip(":"), ""]
                       for line in lines if not line.startswith(":")]

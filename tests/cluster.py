@@ -114,15 +114,24 @@ class Cluster:
         try:
             for worker_id in self.worker_ids:
                 self.start_worker(worker_id)
-            self.edge = Process("edge", [str(BIN / "firehose-edge"), "--config",
-                                         str(self.config_path)], self.env)
-            self.edge.wait_for("edge listening")
-            for worker_id in self.worker_ids:
-                self.edge.wait_for(f"worker {worker_id} up")
+            self.start_edge()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def restart_edge(self) -> None:
+        """Stop the edge (SIGTERM) and start a new one on the same port."""
+        self.edge.stop()
+        self.start_edge()
+
+    def start_edge(self) -> None:
+        """Start the edge and wait until it listens and sees every worker."""
+        self.edge = Process("edge", [str(BIN / "firehose-edge"), "--config",
+                                     str(self.config_path)], self.env)
+        self.edge.wait_for("edge listening")
+        for worker_id in self.worker_ids:
+            self.edge.wait_for(f"worker {worker_id} up")
 
     def start_worker(self, worker_id: str) -> Process:
         process = Process(f"worker {worker_id}", [str(BIN / "firehose-worker"), "--config",

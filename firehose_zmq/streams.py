@@ -135,12 +135,14 @@ class _Socket(tornado.websocket.WebSocketHandler):
     """
 
     multiplexed = False
+    json_errors = False  # whether an upgrade URL error is answered as "Subscription failed"
 
     def initialize(self, edge):
         self.edge = edge
         self.listeners: dict = {}  # channel -> Listener
         self.outbox = Outbox(edge.config.edge.stream_queue_limit_bytes)
         self.ended = False
+        self.counted = False
         self.initial_subscriptions = ()
 
     def check_origin(self, origin: str) -> bool:
@@ -151,8 +153,11 @@ class _Socket(tornado.websocket.WebSocketHandler):
             self.initial_subscriptions = self.url_subscriptions()
         except HttpError as exc:
             self.set_status(exc.status)
-            self.set_header("Content-Type", "application/json")
-            return self.finish(streamwire.subscription_failed_frame(exc.reason))
+            if self.json_errors:
+                self.set_header("Content-Type", "application/json")
+                return self.finish(streamwire.subscription_failed_frame(exc.reason))
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            return self.finish(exc.reason.replace("\n", " ") + "\n")
         await super().get(*args, **kwargs)
 
     def url_subscriptions(self):
@@ -169,12 +174,19 @@ class _Socket(tornado.websocket.WebSocketHandler):
     async def open(self, *args, **kwargs):
         self.edge.streams.add(self)
         self.edge.metrics.incr(time.time(), "websocket_opened")
+        # Tornado's HTTP server saw the connection close when it was upgraded;
+        # it stays open, so it counts again until on_close.
+        self.edge.metrics.connections += 1
+        self.counted = True
         if self.initial_subscriptions:
             await self.subscribe(self.initial_subscriptions)
 
     def on_close(self):
         self.end()
         self.edge.streams.discard(self)
+        if self.counted:
+            self.counted = False
+            self.edge.metrics.connections -= 1
 
     def end(self) -> None:
         """Stop every subscription of this socket."""
@@ -309,6 +321,7 @@ class MultiplexSocket(_Socket):
     """A WebSocket on ``/channels@firehose``: ``?subscribe=`` and multiplex frames."""
 
     multiplexed = True
+    json_errors = True
 
     def url_subscriptions(self):
         value = self.get_query_argument("subscribe", None)
@@ -371,6 +384,7 @@ class EventStream:
         self.outbox = Outbox(edge.config.edge.stream_queue_limit_bytes)
         self.done = asyncio.get_running_loop().create_future()
         self.started = False
+        self.cut = False
         self.unflushed = 0
         self._keepalive = None
 
@@ -409,7 +423,7 @@ class EventStream:
             self.end()
             edge.streams.discard(self)
             handler.poll_in_flight = None
-        if not handler.client_gone:
+        if not (handler.client_gone or self.cut):
             handler.finish()
 
     def end(self) -> None:
@@ -433,6 +447,7 @@ class EventStream:
         self.edge.metrics.incr(time.time(), "slow_readers_closed")
         log.info("cutting an event stream to %s: %d bytes behind",
                  self.handler.request.remote_ip, self.outbox.pending_bytes)
+        self.cut = True
         self.end()
         self.handler.request.connection.close()
 

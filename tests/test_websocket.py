@@ -39,6 +39,19 @@ def test_ping_pong(cluster, run):
     run(go())
 
 
+def test_open_websockets_count_as_connections(cluster, run):
+    """The metrics' connections include upgraded sockets."""
+    async def go():
+        sockets = [await ws_connect(cluster, fresh()) for _ in range(3)]
+        for ws in sockets:
+            await ws_ping(ws)
+        report = json.loads(request(cluster.url("/metrics@firehose")).body)
+        assert report[-1]["global"]["connections"] >= 4  # 3 sockets and this request
+        for ws in sockets:
+            ws.close()
+    run(go())
+
+
 def test_js_client_upgrade_replays_after_message_sequence_then_streams(cluster, run):
     """The Firehose JS client's sequence: ping, pong, {"message_sequence": N}; then live."""
     async def go():

@@ -7,8 +7,8 @@ is fed from the workers' message streams. Handlers get the ``Edge`` injected;
 """
 
 import argparse
-import json
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -17,9 +17,9 @@ import tornado.httpserver
 import tornado.web
 
 from . import httpwire
-from .backend import Backend, BackendError, RequestRejected, WorkerUnavailable
+from .backend import Backend, BackendError, RequestRejected
 from .config import ConfigError, load_config
-from .fanout import Fanout, Poll
+from .fanout import Fanout, Poll, Timeouts
 from .httpwire import HttpError, Subscription
 from .metrics import TimeSeries
 
@@ -38,18 +38,24 @@ class Edge:
         self.config = config
         self.limits = config.limits
         self.metrics = TimeSeries(config.edge.metrics_bucket_s, config.edge.metrics_buckets)
-        self.backend = Backend(config, self._on_message, context=context)
+        self.backend = Backend(config, self._on_message, context=context,
+                               on_worker_change=self._on_worker_change)
         self.fanout = Fanout(self.backend, config.edge.subscription_linger_s)
-        self.polls: set = set()
+        self.timeouts = Timeouts(config.edge.long_poll_timeout_s)
         self.server = None
 
     def _on_message(self, message) -> None:
         self.fanout.on_message(message)
 
+    def _on_worker_change(self, worker_id: str, up: bool) -> None:
+        if not up:
+            self.fanout.owner_lost(worker_id)
+
     async def start(self, sockets=None) -> None:
         """Connect to the workers and listen (on ``sockets`` if given, else the config)."""
         self.backend.start()
         self.fanout.start()
+        self.timeouts.start()
         self.server = EdgeHTTPServer(self.metrics, make_app(self),
                                      max_body_size=self.limits.max_message_bytes,
                                      idle_connection_timeout=3600)
@@ -65,21 +71,20 @@ class Edge:
         """Stop accepting, answer every waiting long-poll with 204, close the links."""
         if self.server is not None:
             self.server.stop()
-        for poll in list(self.polls):
-            poll.cancel()
+        for poll in self.timeouts.pending():
+            poll.expire()
         if self.server is not None:
             try:
                 await asyncio.wait_for(self.server.close_all_connections(), 2.0)
             except asyncio.TimeoutError:
                 log.warning("some connections did not close within 2 s")
+        self.timeouts.close()
         self.fanout.close()
         self.backend.close()
 
-    def poll(self, subscriptions) -> Poll:
-        poll = Poll(self.fanout, subscriptions, self.config.edge.long_poll_timeout_s)
-        self.polls.add(poll)
-        poll.future.add_done_callback(lambda _: self.polls.discard(poll))
-        return poll
+    def poll(self, subscriptions, on_done) -> Poll:
+        """Start a long-poll; ``on_done(result, exc)`` ends it (see ``Poll``)."""
+        return Poll(self.fanout, self.timeouts, subscriptions, on_done)
 
 
 class EdgeHTTPServer(tornado.httpserver.HTTPServer):
@@ -185,15 +190,14 @@ class BaseHandler(tornado.web.RequestHandler):
         for sub in subscriptions:
             edge.metrics.incr(now, "subscribed_multiplexed" if multiplexed else "subscribed",
                               sub.channel)
-        poll = self.poll_in_flight = edge.poll(subscriptions)
-        try:
-            result = await poll.future
-        except BackendError as exc:
-            return self.answer_backend_error(exc)
-        finally:
-            self.poll_in_flight = None
+        ended = asyncio.get_running_loop().create_future()
+        self.poll_in_flight = edge.poll(subscriptions, lambda *outcome: ended.set_result(outcome))
+        result, exc = await ended
+        self.poll_in_flight = None
         if self.client_gone:
             return
+        if exc is not None:
+            return self.answer_backend_error(exc)
         if result is None:
             edge.metrics.incr(time.time(), "timeouts")
             self.set_status(204)

@@ -11,7 +11,6 @@ and ``firehose-edge`` with the same ``--config`` on each host instead.
 import argparse
 import ctypes
 import logging
-import os
 import signal
 import subprocess
 import sys

@@ -20,6 +20,7 @@ from . import httpwire
 from .backend import Backend, BackendError, RequestRejected
 from .config import ConfigError, load_config
 from .fanout import Fanout, Poll, Timeouts
+from .fastpath import FastPath
 from .httpwire import HttpError, Subscription
 from .metrics import TimeSeries
 
@@ -56,7 +57,7 @@ class Edge:
         self.backend.start()
         self.fanout.start()
         self.timeouts.start()
-        self.server = EdgeHTTPServer(self.metrics, make_app(self),
+        self.server = EdgeHTTPServer(self.metrics, FastPath(self, make_app(self)),
                                      max_body_size=self.limits.max_message_bytes,
                                      idle_connection_timeout=3600)
         if sockets is None:
@@ -81,6 +82,35 @@ class Edge:
         self.timeouts.close()
         self.fanout.close()
         self.backend.close()
+
+    def publish(self, channel: str, data: bytes, options) -> asyncio.Future:
+        """Publish to the owning worker; the future gets the message's sequence."""
+        fields = {"data": data, "buffer_size": options.buffer_size}
+        if options.ttl_s is None:
+            fields["persist"] = True
+        else:
+            fields["ttl"] = options.ttl_s
+        reply = self.backend.request(channel, "publish", **fields)
+        published = asyncio.get_running_loop().create_future()
+
+        def done(future):
+            if future.exception() is not None:
+                published.set_exception(future.exception())
+                return
+            self.metrics.incr(time.time(), "published", channel)
+            published.set_result(future.result()["seq"])
+        reply.add_done_callback(done)
+        return published
+
+    @staticmethod
+    def backend_error_status(exc: BackendError) -> tuple:
+        """The HTTP status and one-line reason for a failed worker request."""
+        if isinstance(exc, RequestRejected):
+            if exc.code == "too_large":
+                return 413, str(exc)
+            if exc.code == "bad_request":
+                return 400, str(exc)
+        return 503, f"Service unavailable: {exc}"
 
     def poll(self, subscriptions, on_done) -> Poll:
         """Start a long-poll; ``on_done(result, exc)`` ends it (see ``Poll``)."""
@@ -155,12 +185,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(body)
 
     def answer_backend_error(self, exc: BackendError) -> None:
-        if isinstance(exc, RequestRejected):
-            if exc.code == "too_large":
-                return self.answer(413, str(exc))
-            if exc.code == "bad_request":
-                return self.answer(400, str(exc))
-        self.answer(503, f"Service unavailable: {exc}")
+        self.answer(*self.edge.backend_error_status(exc))
 
     def options(self, *args):
         """CORS preflight."""
@@ -259,18 +284,12 @@ class ChannelHandler(BaseHandler):
                                                      limits.max_buffer_size)
         except HttpError as exc:
             return self.answer(exc.status, exc.reason)
-        fields = {"data": b"".join(self.body_parts), "buffer_size": options.buffer_size}
-        if options.ttl_s is None:
-            fields["persist"] = True
-        else:
-            fields["ttl"] = options.ttl_s
         try:
-            reply = await edge.backend.request(self.channel, "publish", **fields)
+            seq = await edge.publish(self.channel, b"".join(self.body_parts), options)
         except BackendError as exc:
             return self.answer_backend_error(exc)
-        edge.metrics.incr(time.time(), "published", self.channel)
         self.set_status(202)
-        self.set_header("X-Firehose-Sequence", str(reply["seq"]))
+        self.set_header("X-Firehose-Sequence", str(seq))
         self.finish()
 
     async def get(self, *args):

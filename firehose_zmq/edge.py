@@ -22,6 +22,7 @@ from .config import ConfigError, load_config
 from .fanout import Fanout, Poll, Timeouts
 from .httpwire import HttpError, Subscription
 from .metrics import TimeSeries
+from .native import NativeEndpoints
 
 log = logging.getLogger("firehose.edge")
 
@@ -42,6 +43,7 @@ class Edge:
                                on_worker_change=self._on_worker_change)
         self.fanout = Fanout(self.backend, config.edge.subscription_linger_s)
         self.timeouts = Timeouts(config.edge.long_poll_timeout_s)
+        self.native = NativeEndpoints(config, self.backend, context=context)
         self.server = None
 
     def _on_message(self, message) -> None:
@@ -56,6 +58,7 @@ class Edge:
         self.backend.start()
         self.fanout.start()
         self.timeouts.start()
+        self.native.start(asyncio.get_running_loop())
         self.server = EdgeHTTPServer(self.metrics, make_app(self),
                                      max_body_size=self.limits.max_message_bytes,
                                      idle_connection_timeout=3600)
@@ -80,6 +83,7 @@ class Edge:
                 log.warning("some connections did not close within 2 s")
         self.timeouts.close()
         self.fanout.close()
+        self.native.close()
         self.backend.close()
 
     def poll(self, subscriptions, on_done) -> Poll:

@@ -713,16 +713,30 @@ class SubscriberCore:
                 return
 
 
-def subscriber_program(core: SubscriberCore, clock=time.monotonic):
-    """Drive ``core`` with ZeroMQ effects; emits its events (``Message`` and ``Gap``)."""
+def subscriber_program(core: SubscriberCore, idle_timeout_s: Optional[float] = None,
+                       clock=time.monotonic):
+    """Drive ``core`` with ZeroMQ effects; emits its events (``Message`` and ``Gap``).
+
+    Ends after ``idle_timeout_s`` without an event (never when it is None).
+    """
     core.start(clock())
+    last_event_at = clock()
     while True:
+        if core.events:
+            last_event_at = clock()
         while core.events:
             yield Emit(core.events.popleft())
         for frames in core.outbox:
             yield ZmqSend(frames)
         core.outbox.clear()
-        received = yield ZmqWait(core.next_timeout_s(clock()))
+        now = clock()
+        timeout_s = core.next_timeout_s(now)
+        if idle_timeout_s is not None:
+            idle_left_s = last_event_at + idle_timeout_s - now
+            if idle_left_s <= 0:
+                return
+            timeout_s = min(timeout_s, idle_left_s)
+        received = yield ZmqWait(timeout_s)
         now = clock()
         for kind, frames in received:
             if kind == "sub":
@@ -832,11 +846,14 @@ class ZmqSubscriber:
 
     Each message is yielded once, in sequence order per channel; sequences that
     could not be fetched any more are reported by one ``Gap`` in their place. A
-    subscriber instance is iterated once. ``core`` has the counters.
+    subscriber instance is iterated once; iteration ends after ``idle_timeout_s``
+    without an event (None: never). ``core`` has the counters.
     """
 
     def __init__(self, pub_endpoint: str, router_endpoint: str, channels: dict,
-                 rcvhwm: int = 10000, context=None, **core_options):
+                 rcvhwm: int = 10000, idle_timeout_s: Optional[float] = None, context=None,
+                 **core_options):
+        self.idle_timeout_s = idle_timeout_s
         self.pub_endpoint = pub_endpoint
         self.router_endpoint = router_endpoint
         self.rcvhwm = rcvhwm
@@ -852,10 +869,12 @@ class ZmqSubscriber:
         return self._io
 
     def __iter__(self):
-        return iterate_sync(subscriber_program(self.core), self._open(_SyncZmqIo))
+        return iterate_sync(subscriber_program(self.core, self.idle_timeout_s),
+                            self._open(_SyncZmqIo))
 
     def __aiter__(self):
-        return iterate_async(subscriber_program(self.core), self._open(_AsyncZmqIo))
+        return iterate_async(subscriber_program(self.core, self.idle_timeout_s),
+                             self._open(_AsyncZmqIo))
 
     def close(self) -> None:
         if self._io is not None:

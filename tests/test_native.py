@@ -174,3 +174,28 @@ def test_garbage_on_the_subscribe_endpoint_is_dropped(cluster, ctx):
     sub = subscriber(ctx, cluster, channel)
     await_subscribed(sub, cluster, channel)
     rogue.close()
+
+
+def test_the_documented_plain_pyzmq_example_runs(tmp_path):
+    """The example of docs/native-zeromq.md, run as written against a fresh cluster."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .cluster import Cluster
+
+    doc = (Path(__file__).parent.parent / "docs" / "native-zeromq.md").read_text()
+    example = re.search(r"## Example with plain pyzmq\n+```python\n(.*?)```", doc, re.S).group(1)
+    assert len(example.splitlines()) <= 16
+    with Cluster(tmp_path) as cluster:
+        prelude = (f"PUB_ENDPOINT = {cluster.native_pub!r}\n"
+                   f"ROUTER_ENDPOINT = {cluster.native_router!r}\n")
+        # The example blocks on recv: run it in a child bounded by a timeout.
+        done = subprocess.run([sys.executable, "-c", prelude + example], capture_output=True,
+                              text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "'ok': True" in lines[0] and "'seq': 1" in lines[0]
+    assert lines[1] == "[[1, b'hi']]"
+    assert lines[2].startswith("b'/chat\\x00' {'channel': '/chat', 'seq': 1")

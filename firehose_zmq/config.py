@@ -35,6 +35,10 @@ class EdgeConfig:
     cors_allow_origins: tuple = ()
     metrics_bucket_s: int = 5
     metrics_buckets: int = 60
+    # Native ZeroMQ (PROTOCOL.md §10): the edge binds both; clients connect.
+    native_pub_bind: str = "tcp://127.0.0.1:7475"  # XPUB: native SUB sockets connect here
+    native_router_bind: str = "tcp://127.0.0.1:7476"  # ROUTER: native DEALER/REQ connect here
+    native_send_hwm: int = 10000  # messages queued per native subscriber before drops
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from .fanout import Fanout, Poll, Timeouts
 from .fastpath import FastPath
 from .httpwire import HttpError, Subscription
 from .metrics import TimeSeries
+from .native import NativeEndpoints
 
 log = logging.getLogger("firehose.edge")
 
@@ -43,6 +44,7 @@ class Edge:
                                on_worker_change=self._on_worker_change)
         self.fanout = Fanout(self.backend, config.edge.subscription_linger_s)
         self.timeouts = Timeouts(config.edge.long_poll_timeout_s)
+        self.native = NativeEndpoints(config, self.backend, context=context)
         self.server = None
 
     def _on_message(self, message) -> None:
@@ -57,6 +59,7 @@ class Edge:
         self.backend.start()
         self.fanout.start()
         self.timeouts.start()
+        self.native.start(asyncio.get_running_loop())
         self.server = EdgeHTTPServer(self.metrics, FastPath(self, make_app(self)),
                                      max_body_size=self.limits.max_message_bytes,
                                      idle_connection_timeout=3600)
@@ -81,6 +84,7 @@ class Edge:
                 log.warning("some connections did not close within 2 s")
         self.timeouts.close()
         self.fanout.close()
+        self.native.close()
         self.backend.close()
 
     def publish(self, channel: str, data: bytes, options) -> asyncio.Future:

@@ -84,13 +84,16 @@ class Process:
 
 
 class Cluster:
-    """Workers and one edge on free ports; ``url(path)`` addresses the edge."""
+    """Workers and one edge on free ports; ``url(path)`` addresses the edge, and
+    ``native_pub`` / ``native_router`` are its native ZeroMQ endpoints."""
 
     def __init__(self, tmp_path, worker_ids=("w1", "w2"), long_poll_timeout_s: float = 3.0,
                  extra_config: str = ""):
         self.tmp_path = Path(tmp_path)
         self.worker_ids = list(worker_ids)
         self.http_port = free_port()
+        self.native_pub = f"tcp://127.0.0.1:{free_port()}"
+        self.native_router = f"tcp://127.0.0.1:{free_port()}"
         self.endpoints = {}
         lines = []
         for worker_id in self.worker_ids:
@@ -102,7 +105,9 @@ class Cluster:
                       f'pub_bind = "tcp://127.0.0.1:{pub}"',
                       f'pub_connect = "tcp://127.0.0.1:{pub}"', ""]
         lines += ["[edge]", 'host = "127.0.0.1"', f"port = {self.http_port}",
-                  f"long_poll_timeout_s = {long_poll_timeout_s}", extra_config]
+                  f"long_poll_timeout_s = {long_poll_timeout_s}",
+                  f'native_pub_bind = "{self.native_pub}"',
+                  f'native_router_bind = "{self.native_router}"', extra_config]
         self.config_path = self.tmp_path / "cluster.toml"
         self.config_path.write_text("\n".join(lines) + "\n")
         self.workers: dict = {}

@@ -182,11 +182,15 @@ class Fanout:
             return
         listener.fetching = False
         listener.epoch = epoch
-        listener.floor = reply["seq"]
         items = [Item(seq, data) for seq, data in reply["messages"]]
+        listener.floor = items[-1].seq if items else reply["seq"]
         if items:
             self._deliver(listener, items)
         if listener.closed:
+            return
+        if listener.floor < reply["seq"]:
+            # The reply stopped short (size limit): ask for the rest.
+            self._fetch(listener, since=listener.floor, after=True)
             return
         feed = self._feeds.get(listener.channel)
         if feed is not None:

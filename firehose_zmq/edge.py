@@ -181,7 +181,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if status == 405:
             self.set_header("Allow", self.allow)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish(reason.replace("\n", " ") + "\n")
+        self.finish(reason.replace("\n", " "))
 
     def answer_json(self, body: bytes, status: int = 200) -> None:
         self.set_status(status)

@@ -170,7 +170,7 @@ class _Request(httputil.HTTPMessageDelegate):
 
     def _fail(self, exc: BackendError) -> None:
         status, reason = self._fast.edge.backend_error_status(exc)
-        body = (reason + "\n").encode()
+        body = reason.replace("\n", " ").encode()
         headers = self._headers("text/plain; charset=utf-8", len(body))
         self._write(httputil.ResponseStartLine("HTTP/1.1", status, httputil.responses[status]),
                     headers, body)

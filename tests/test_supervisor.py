@@ -71,8 +71,8 @@ def ports_free(ports) -> bool:
 def test_embedded_default_needs_no_config(tmp_path):
     """With no config file the cluster runs two workers and an edge on PORT."""
     from .cluster import free_port
-    if not ports_free([7481, 7482, 7483, 7484]):
-        pytest.skip("the default worker ports 7481-7484 are in use on this machine")
+    if not ports_free([7475, 7476, 7481, 7482, 7483, 7484]):
+        pytest.skip("the default ZeroMQ ports 7475-7476, 7481-7484 are in use on this machine")
     port = free_port()
     env = dict(os.environ, PORT=str(port), FIREHOSE_LONG_POLL_TIMEOUT="1")
     supervisor = Process("cluster", [str(BIN / "firehose-cluster")], env)

@@ -363,7 +363,7 @@ class MetricsHandler(BaseHandler):
         report = self.edge.metrics.report(time.time())
         self.answer_json(json.dumps(report, separators=(",", ":")).encode())
 
-    post = patch = delete = get
+    post = patch = delete = options = get
 
     def put(self):
         self.answer(400, "Channel names containing @firehose are reserved")

@@ -47,12 +47,12 @@ def test_buffer_size_bounds():
 
 
 @pytest.mark.parametrize("value, expected", [(None, 0), ("", 0), ("0", 0), ("17", 17),
-                                             (" 3 ", 3), (5, 5)])
+                                             (" 3 ", 3), ("+4", 4), (5, 5)])
 def test_sequences(value, expected):
     assert httpwire.parse_sequence(value) == expected
 
 
-@pytest.mark.parametrize("value", ["-1", "x", "1.0", "+-1", str(2**64), True, 2.5])
+@pytest.mark.parametrize("value", ["-1", "x", "1.0", "+-1", "--1", str(2**64), True, 2.5])
 def test_bad_sequences(value):
     with pytest.raises(HttpError):
         httpwire.parse_sequence(value)

@@ -161,7 +161,7 @@ class Store:
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-            clean = self._meta("clean") == 1
+            clean = self._meta("clean") != 0  # a new file (None) has nothing to lose
             expired = [name for (name,) in db.execute(
                 "SELECT name FROM channels WHERE expires_at IS NOT NULL AND expires_at <= ?",
                 (now,))]
@@ -300,7 +300,7 @@ class StoreWriter:
         """Read the writer's notices; returns the highest committed ticket.
 
         Raises StoreError once the writer has failed (it commits nothing more)."""
-        while True:
+        while not self.notify_socket.closed:
             try:
                 frame = self.notify_socket.recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -323,7 +323,9 @@ class StoreWriter:
         """Commit what is queued, close the file and end the thread.
 
         Returns True when every submitted batch was committed within ``timeout_s``
-        (the file is then marked clean)."""
+        (the file is then marked clean). Calling it again returns the same answer."""
+        if self.notify_socket.closed:
+            return not self.failed and self._committed == self._last_ticket
         self._stopping.set()
         self._queue.put(self._STOP)
         self._thread.join(timeout_s)

@@ -87,7 +87,7 @@ class Cluster:
     """Workers and one edge on free ports; ``url(path)`` addresses the edge."""
 
     def __init__(self, tmp_path, worker_ids=("w1", "w2"), long_poll_timeout_s: float = 3.0,
-                 extra_config: str = "", durability: str = "sync"):
+                 extra_config: str = "", durability: str = "sync", storage_config: str = ""):
         self.tmp_path = Path(tmp_path)
         self.worker_ids = list(worker_ids)
         self.http_port = free_port()
@@ -104,7 +104,8 @@ class Cluster:
         self.data_dir = self.tmp_path / "data"
         lines += ["[edge]", 'host = "127.0.0.1"', f"port = {self.http_port}",
                   f"long_poll_timeout_s = {long_poll_timeout_s}", extra_config, "",
-                  "[storage]", f'durability = "{durability}"', f'data_dir = "{self.data_dir}"']
+                  "[storage]", f'durability = "{durability}"', f'data_dir = "{self.data_dir}"',
+                  storage_config]
         self.config_path = self.tmp_path / "cluster.toml"
         self.config_path.write_text("\n".join(lines) + "\n")
         self.workers: dict = {}

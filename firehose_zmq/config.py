@@ -36,6 +36,10 @@ class EdgeConfig:
     cors_allow_origins: tuple = ()
     metrics_bucket_s: int = 5
     metrics_buckets: int = 60
+    # Native ZeroMQ (PROTOCOL.md §10): the edge binds both; clients connect.
+    native_pub_bind: str = "tcp://127.0.0.1:7475"  # XPUB: native SUB sockets connect here
+    native_router_bind: str = "tcp://127.0.0.1:7476"  # ROUTER: native DEALER/REQ connect here
+    native_send_hwm: int = 10000  # messages queued per native subscriber before drops
 
 
 DURABILITY_MODES = ("sync", "async", "memory")
@@ -175,7 +179,8 @@ def check_storage(storage: StorageConfig) -> StorageConfig:
 
 
 def apply_environment(config: ClusterConfig, environ) -> ClusterConfig:
-    """``PORT`` and ``FIREHOSE_LONG_POLL_TIMEOUT`` (seconds) override the file."""
+    """``PORT``, ``FIREHOSE_LONG_POLL_TIMEOUT`` (seconds) and ``FIREHOSE_DATA_DIR``
+    override the file."""
     edge = config.edge
     port = environ.get("PORT")
     if port:
@@ -192,7 +197,11 @@ def apply_environment(config: ClusterConfig, environ) -> ClusterConfig:
             raise ConfigError(f"FIREHOSE_LONG_POLL_TIMEOUT must be a positive number of seconds,"
                               f" not {timeout!r}")
         edge = replace(edge, long_poll_timeout_s=seconds)
-    return replace(config, edge=edge)
+    storage = config.storage
+    data_dir = environ.get("FIREHOSE_DATA_DIR")
+    if data_dir:
+        storage = replace(storage, data_dir=data_dir)
+    return replace(config, edge=edge, storage=storage)
 
 
 def load_config(path: Optional[str] = None, environ=None) -> ClusterConfig:

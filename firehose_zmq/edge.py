@@ -7,8 +7,8 @@ is fed from the workers' message streams. Handlers get the ``Edge`` injected;
 """
 
 import argparse
-import json
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -17,11 +17,13 @@ import tornado.httpserver
 import tornado.web
 
 from . import httpwire
-from .backend import Backend, BackendError, RequestRejected, WorkerUnavailable
+from .backend import Backend, BackendError, RequestRejected
 from .config import ConfigError, load_config
-from .fanout import Fanout, Poll
+from .fanout import Fanout, Poll, Timeouts
+from .fastpath import FastPath
 from .httpwire import HttpError, Subscription
 from .metrics import TimeSeries
+from .native import NativeEndpoints
 
 log = logging.getLogger("firehose.edge")
 
@@ -41,7 +43,8 @@ class Edge:
         self.backend = Backend(config, self._on_message, context=context,
                                on_worker_change=self._on_worker_change)
         self.fanout = Fanout(self.backend, config.edge.subscription_linger_s)
-        self.polls: set = set()
+        self.timeouts = Timeouts(config.edge.long_poll_timeout_s)
+        self.native = NativeEndpoints(config, self.backend, context=context)
         self.server = None
 
     def _on_message(self, message) -> None:
@@ -54,7 +57,9 @@ class Edge:
         """Connect to the workers and listen (on ``sockets`` if given, else the config)."""
         self.backend.start()
         self.fanout.start()
-        self.server = EdgeHTTPServer(self.metrics, make_app(self),
+        self.timeouts.start()
+        self.native.start(asyncio.get_running_loop())
+        self.server = EdgeHTTPServer(self.metrics, FastPath(self, make_app(self)),
                                      max_body_size=self.limits.max_message_bytes,
                                      idle_connection_timeout=3600)
         if sockets is None:
@@ -70,8 +75,8 @@ class Edge:
         flight get their answer (bounded by the request timeout), close the links."""
         if self.server is not None:
             self.server.stop()
-        for poll in list(self.polls):
-            poll.cancel()
+        for poll in self.timeouts.pending():
+            poll.expire()
         publishes = self.backend.pending_publishes()
         if publishes:
             log.info("edge stopping: waiting for %d publish(es) in flight", len(publishes))
@@ -82,14 +87,43 @@ class Edge:
                 await asyncio.wait_for(self.server.close_all_connections(), 2.0)
             except asyncio.TimeoutError:
                 log.warning("some connections did not close within 2 s")
+        self.timeouts.close()
         self.fanout.close()
+        self.native.close()
         self.backend.close()
 
-    def poll(self, subscriptions) -> Poll:
-        poll = Poll(self.fanout, subscriptions, self.config.edge.long_poll_timeout_s)
-        self.polls.add(poll)
-        poll.future.add_done_callback(lambda _: self.polls.discard(poll))
-        return poll
+    def publish(self, channel: str, data: bytes, options) -> asyncio.Future:
+        """Publish to the owning worker; the future gets the message's sequence."""
+        fields = {"data": data, "buffer_size": options.buffer_size}
+        if options.ttl_s is None:
+            fields["persist"] = True
+        else:
+            fields["ttl"] = options.ttl_s
+        reply = self.backend.request(channel, "publish", **fields)
+        published = asyncio.get_running_loop().create_future()
+
+        def done(future):
+            if future.exception() is not None:
+                published.set_exception(future.exception())
+                return
+            self.metrics.incr(time.time(), "published", channel)
+            published.set_result(future.result()["seq"])
+        reply.add_done_callback(done)
+        return published
+
+    @staticmethod
+    def backend_error_status(exc: BackendError) -> tuple:
+        """The HTTP status and one-line reason for a failed worker request."""
+        if isinstance(exc, RequestRejected):
+            if exc.code == "too_large":
+                return 413, str(exc)
+            if exc.code == "bad_request":
+                return 400, str(exc)
+        return 503, f"Service unavailable: {exc}"
+
+    def poll(self, subscriptions, on_done) -> Poll:
+        """Start a long-poll; ``on_done(result, exc)`` ends it (see ``Poll``)."""
+        return Poll(self.fanout, self.timeouts, subscriptions, on_done)
 
 
 class EdgeHTTPServer(tornado.httpserver.HTTPServer):
@@ -160,12 +194,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(body)
 
     def answer_backend_error(self, exc: BackendError) -> None:
-        if isinstance(exc, RequestRejected):
-            if exc.code == "too_large":
-                return self.answer(413, str(exc))
-            if exc.code == "bad_request":
-                return self.answer(400, str(exc))
-        self.answer(503, f"Service unavailable: {exc}")
+        self.answer(*self.edge.backend_error_status(exc))
 
     def options(self, *args):
         """CORS preflight."""
@@ -195,15 +224,14 @@ class BaseHandler(tornado.web.RequestHandler):
         for sub in subscriptions:
             edge.metrics.incr(now, "subscribed_multiplexed" if multiplexed else "subscribed",
                               sub.channel)
-        poll = self.poll_in_flight = edge.poll(subscriptions)
-        try:
-            result = await poll.future
-        except BackendError as exc:
-            return self.answer_backend_error(exc)
-        finally:
-            self.poll_in_flight = None
+        ended = asyncio.get_running_loop().create_future()
+        self.poll_in_flight = edge.poll(subscriptions, lambda *outcome: ended.set_result(outcome))
+        result, exc = await ended
+        self.poll_in_flight = None
         if self.client_gone:
             return
+        if exc is not None:
+            return self.answer_backend_error(exc)
         if result is None:
             edge.metrics.incr(time.time(), "timeouts")
             self.set_status(204)
@@ -265,18 +293,12 @@ class ChannelHandler(BaseHandler):
                                                      limits.max_buffer_size)
         except HttpError as exc:
             return self.answer(exc.status, exc.reason)
-        fields = {"data": b"".join(self.body_parts), "buffer_size": options.buffer_size}
-        if options.ttl_s is None:
-            fields["persist"] = True
-        else:
-            fields["ttl"] = options.ttl_s
         try:
-            reply = await edge.backend.request(self.channel, "publish", **fields)
+            seq = await edge.publish(self.channel, b"".join(self.body_parts), options)
         except BackendError as exc:
             return self.answer_backend_error(exc)
-        edge.metrics.incr(time.time(), "published", self.channel)
         self.set_status(202)
-        self.set_header("X-Firehose-Sequence", str(reply["seq"]))
+        self.set_header("X-Firehose-Sequence", str(seq))
         self.finish()
 
     async def get(self, *args):

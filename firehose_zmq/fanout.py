@@ -86,13 +86,25 @@ class Listener:
 
 
 class Feed:
-    __slots__ = ("channel", "listeners", "recent", "idle_since")
+    """One channel's subscription on this edge.
+
+    ``synced`` is true once a message of the channel has arrived on the
+    subscription (the worker re-sends the newest one when it lands) and until the
+    owner is lost; while synced, ``head_seq``/``head_epoch`` are the newest message
+    the worker has published as far as this edge has heard.
+    """
+
+    __slots__ = ("channel", "listeners", "recent", "idle_since", "synced", "head_seq",
+                 "head_epoch")
 
     def __init__(self, channel: str):
         self.channel = channel
         self.listeners: set = set()
         self.recent: deque = deque(maxlen=RECENT_SIZE)
         self.idle_since = 0.0
+        self.synced = False
+        self.head_seq = 0
+        self.head_epoch = 0
 
 
 class Fanout:
@@ -127,6 +139,12 @@ class Fanout:
             feed = self._feeds[listener.channel] = Feed(listener.channel)
             self._backend.subscribe(listener.channel)
         feed.listeners.add(listener)
+        if feed.synced and last_seq == feed.head_seq:
+            # Caught up with what the worker last published: the answer would be
+            # "wait", and every later message will arrive on the subscription.
+            listener.epoch = feed.head_epoch
+            listener.floor = last_seq
+            return
         self._fetch(listener, since=last_seq, after=False)
 
     def remove(self, listener: Listener) -> None:
@@ -171,11 +189,15 @@ class Fanout:
             return
         listener.fetching = False
         listener.epoch = epoch
-        listener.floor = reply["seq"]
         items = [Item(seq, data) for seq, data in reply["messages"]]
+        listener.floor = items[-1].seq if items else reply["seq"]
         if items:
             self._deliver(listener, items)
         if listener.closed:
+            return
+        if listener.floor < reply["seq"]:
+            # The reply stopped short (size limit): ask for the rest.
+            self._fetch(listener, since=listener.floor, after=True)
             return
         feed = self._feeds.get(listener.channel)
         if feed is not None:
@@ -211,6 +233,8 @@ class Fanout:
 
     def worker_changed(self, worker_id: str, up: bool) -> None:
         """The backend's verdict on a worker changed; see the module docstring."""
+        if not up:
+            self.owner_lost(worker_id)
         owned = [feed for channel, feed in self._feeds.items()
                  if self._backend.owner(channel) == worker_id]
         for feed in owned:
@@ -234,8 +258,19 @@ class Fanout:
             return
         live = LiveMessage(message.seq, message.epoch, Item(message.seq, message.data))
         feed.recent.append(live)
+        if message.epoch > feed.head_epoch or (message.epoch == feed.head_epoch
+                                                and message.seq > feed.head_seq):
+            feed.head_epoch, feed.head_seq = message.epoch, message.seq
+        feed.synced = True
         for listener in list(feed.listeners):
             self._offer(listener, live)
+
+    def owner_lost(self, worker_id: str) -> None:
+        """The subscriptions to ``worker_id`` may have missed messages: stop trusting them."""
+        owner = self._backend.owner
+        for feed in self._feeds.values():
+            if owner(feed.channel) == worker_id:
+                feed.synced = False
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -257,41 +292,89 @@ class LiveMessage:
 
 
 class Poll:
-    """One long-poll over one or more channels: resolves once, with the first message.
+    """One long-poll over one or more channels: ends once, with the first message.
 
-    ``future`` gets ``(channel, item)``, ``None`` on timeout, or a BackendError.
+    ``on_done(result, exc)`` is called exactly once: ``result`` is
+    ``(channel, item)``, or None on timeout or cancel; ``exc`` a BackendError.
     """
 
-    def __init__(self, fanout: Fanout, subscriptions, timeout_s: float):
-        loop = asyncio.get_running_loop()
-        self.future = loop.create_future()
+    __slots__ = ("on_done", "done", "slot", "_fanout", "_timeouts", "_listeners")
+
+    def __init__(self, fanout: Fanout, timeouts: "Timeouts", subscriptions, on_done):
+        self.on_done = on_done
+        self.done = False
         self._fanout = fanout
+        self._timeouts = timeouts
         self._listeners = [Listener(sub.channel, self._on_items, self._on_error, once=True)
                            for sub in subscriptions]
-        self._timer = loop.call_later(timeout_s, self._resolve, None, None)
+        timeouts.add(self)
         for listener, sub in zip(self._listeners, subscriptions):
-            if self.future.done():
+            if self.done:
                 break
             fanout.add(listener, sub.last_sequence)
 
     def _on_items(self, listener, items) -> None:
-        self._resolve((listener.channel, items[0]), None)
+        self._end((listener.channel, items[0]), None)
 
     def _on_error(self, listener, exc) -> None:
         # A wait cut short by an outage ends like a timeout: the client re-polls.
-        self._resolve(None, None if isinstance(exc, OwnerDown) else exc)
+        self._end(None, None if isinstance(exc, OwnerDown) else exc)
 
-    def _resolve(self, result, exc) -> None:
-        if self.future.done():
+    def _end(self, result, exc) -> None:
+        if self.done:
             return
-        self._timer.cancel()
+        self.done = True
+        self._timeouts.discard(self)
         for listener in self._listeners:
             self._fanout.remove(listener)
-        if exc is not None:
-            self.future.set_exception(exc)
-        else:
-            self.future.set_result(result)
+        self.on_done(result, exc)
 
-    def cancel(self) -> None:
-        """Forget the poll (its client went away); the future gets None."""
-        self._resolve(None, None)
+    def expire(self) -> None:
+        """The long-poll timeout passed: end with no message."""
+        self._end(None, None)
+
+    cancel = expire
+
+
+class Timeouts:
+    """Long-polls grouped by the tenth of a second in which they time out.
+
+    One timer sweeps the whole table every 100 ms, instead of one timer per poll.
+    """
+
+    _SLOT_S = 0.1
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._slots: dict = {}
+        self._timer = None
+
+    def start(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._SLOT_S, self._sweep)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def add(self, poll: Poll) -> None:
+        slot = int((time.monotonic() + self.timeout_s) / self._SLOT_S)
+        poll.slot = slot
+        polls = self._slots.get(slot)
+        if polls is None:
+            polls = self._slots[slot] = set()
+        polls.add(poll)
+
+    def discard(self, poll: Poll) -> None:
+        polls = self._slots.get(poll.slot)
+        if polls is not None:
+            polls.discard(poll)
+
+    def pending(self) -> list:
+        return [poll for polls in self._slots.values() for poll in polls]
+
+    def _sweep(self) -> None:
+        now_slot = int(time.monotonic() / self._SLOT_S)
+        for slot in [slot for slot in self._slots if slot <= now_slot]:
+            for poll in list(self._slots.pop(slot)):
+                poll.expire()
+        self._timer = asyncio.get_running_loop().call_later(self._SLOT_S, self._sweep)

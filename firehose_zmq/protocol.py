@@ -34,6 +34,7 @@ Replies: the same envelope, then one msgpack map::
         delete  -> existed;     ping  -> worker, ring
     {"v": 1, "id": <echoed or nil>, "ok": false, "error": <code>, "reason": <str>,
      "ring": <ring version>}
+    codes: bad_request, not_owner, unsupported_version, too_large, unavailable
 
 Messages: worker PUB/XPUB -> edge SUB (and native subscribers)::
 
@@ -55,6 +56,7 @@ BAD_REQUEST = "bad_request"
 NOT_OWNER = "not_owner"
 UNSUPPORTED_VERSION = "unsupported_version"
 TOO_LARGE = "too_large"
+UNAVAILABLE = "unavailable"
 DEADLINE = "deadline"        # the request's deadline_ms had passed when it was read
 OVERLOADED = "overloaded"    # the worker's store is too far behind to take more
 
@@ -92,6 +94,8 @@ def _unpack(frame: bytes, max_bytes: int):
         return msgpack.unpackb(frame, raw=False, strict_map_key=True,
                                max_bin_len=max_bytes, max_str_len=max_bytes)
     except Exception as exc:  # msgpack raises several unrelated types
+        if isinstance(exc, ValueError) and "exceeds max" in str(exc):
+            raise ProtocolError(f"a field is over the {max_bytes}-byte limit", TOO_LARGE) from None
         raise ProtocolError(f"body is not msgpack: {exc.__class__.__name__}") from None
 
 
@@ -187,6 +191,11 @@ def decode_request(frame: bytes, max_bytes: int) -> dict:
 def encode_reply(request_id, **fields) -> bytes:
     """A successful reply body."""
     return msgpack.packb({"v": VERSION, "id": request_id, "ok": True, **fields}, use_bin_type=True)
+
+
+def reply_fields(reply: dict) -> dict:
+    """The op fields of a decoded successful reply (without ``v``, ``id`` and ``ok``)."""
+    return {k: v for k, v in reply.items() if k not in ("v", "id", "ok")}
 
 
 def encode_error(request_id, code: str, reason: str, ring_version: str) -> bytes:

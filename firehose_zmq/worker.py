@@ -66,6 +66,7 @@ class SeenPublish(NamedTuple):
     seq: int
     epoch: int
     at: float
+_PER_MESSAGE_OVERHEAD_BYTES = 16  # msgpack framing of one [seq, data] pair, rounded up
 
 
 class Counters:
@@ -389,9 +390,7 @@ class Worker:
                 return protocol.encode_reply(request_id, seq=0, epoch=0, messages=[])
             since = request["since"]
             found = channel.after(since) if request.get("after") else channel.since(since)
-            limit = request.get("limit")
-            if limit is not None:
-                found = found[:limit]
+            found = self._fit_reply(found, request.get("limit"))
             return protocol.encode_reply(request_id, seq=channel.seq, epoch=channel.epoch,
                                          messages=[[m.seq, m.data] for m in found])
         # op == "delete"
@@ -399,6 +398,20 @@ class Worker:
         if existed:
             self._record(DeleteOp(name))
         return protocol.encode_reply(request_id, existed=existed)
+
+    def _fit_reply(self, found: list, limit) -> list:
+        """The oldest of ``found`` that fit ``limit`` and one message's worth of bytes.
+
+        A reply always carries at least one message; the receiver asks again after
+        the last one it got when the reply stops short of the channel's sequence.
+        """
+        budget = self.limits.max_message_bytes
+        used = 0
+        for count, message in enumerate(found[:limit] if limit else found):
+            used += len(message.data) + _PER_MESSAGE_OVERHEAD_BYTES
+            if used > budget and count > 0:
+                return found[:count]
+        return found[:limit] if limit else found
 
     def _publish(self, request, name: str, now: float) -> bytes:
         limits = self.limits

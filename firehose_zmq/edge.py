@@ -51,8 +51,7 @@ class Edge:
         self.fanout.on_message(message)
 
     def _on_worker_change(self, worker_id: str, up: bool) -> None:
-        if not up:
-            self.fanout.owner_lost(worker_id)
+        self.fanout.worker_changed(worker_id, up)
 
     async def start(self, sockets=None) -> None:
         """Connect to the workers and listen (on ``sockets`` if given, else the config)."""
@@ -72,11 +71,17 @@ class Edge:
                  self.config.edge.long_poll_timeout_s)
 
     async def stop(self) -> None:
-        """Stop accepting, answer every waiting long-poll with 204, close the links."""
+        """Stop accepting, answer every waiting long-poll with 204, let publishes in
+        flight get their answer (bounded by the request timeout), close the links."""
         if self.server is not None:
             self.server.stop()
         for poll in self.timeouts.pending():
             poll.expire()
+        publishes = self.backend.pending_publishes()
+        if publishes:
+            log.info("edge stopping: waiting for %d publish(es) in flight", len(publishes))
+            await asyncio.wait(publishes, timeout=self.config.edge.request_timeout_s + 1.0)
+            await asyncio.sleep(0)  # let their handlers write the answers
         if self.server is not None:
             try:
                 await asyncio.wait_for(self.server.close_all_connections(), 2.0)

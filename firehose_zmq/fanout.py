@@ -21,6 +21,13 @@ last-value cache); any message whose sequence jumps past ``floor + 1`` makes the
 listener fetch the gap from the worker. So nothing is lost, and duplicates are
 dropped by sequence.
 
+When the owner of a channel goes down (``worker_changed``), every listener of
+its channels gets ``on_error(listener, OwnerDown)`` and is removed: a long-poll
+answers 204 and its client re-polls from its sequence; a stream tells its
+client to reconnect. When the owner comes back, listeners that were not
+removed (the outage was too short to be declared) fetch what followed their
+floor, and the SUB socket has re-sent its subscriptions by itself.
+
 Each message is encoded for the JSON transports once (``Item.json``) and the
 same bytes go to every listener.
 """
@@ -31,7 +38,7 @@ import logging
 import time
 
 from . import httpwire
-from .backend import BackendError
+from .backend import BackendError, OwnerDown
 
 log = logging.getLogger("firehose.fanout")
 
@@ -224,6 +231,24 @@ class Fanout:
                       listener.floor, message.seq)
             self._fetch(listener, since=listener.floor, after=True)
 
+    def worker_changed(self, worker_id: str, up: bool) -> None:
+        """The backend's verdict on a worker changed; see the module docstring."""
+        if not up:
+            self.owner_lost(worker_id)
+        owned = [feed for channel, feed in self._feeds.items()
+                 if self._backend.owner(channel) == worker_id]
+        for feed in owned:
+            for listener in list(feed.listeners):
+                if listener.closed:
+                    continue
+                if up:
+                    if not listener.fetching:
+                        self._fetch(listener, since=listener.floor, after=True)
+                else:
+                    self.remove(listener)
+                    listener.on_error(listener, OwnerDown(
+                        f"worker {worker_id}, the owner of {listener.channel}, is unavailable"))
+
     # -- messages --------------------------------------------------------------
 
     def on_message(self, message) -> None:
@@ -292,7 +317,8 @@ class Poll:
         self._end((listener.channel, items[0]), None)
 
     def _on_error(self, listener, exc) -> None:
-        self._end(None, exc)
+        # A wait cut short by an outage ends like a timeout: the client re-polls.
+        self._end(None, None if isinstance(exc, OwnerDown) else exc)
 
     def _end(self, result, exc) -> None:
         if self.done:

@@ -36,15 +36,16 @@ _DISCARD_LIMIT_FACTOR = 4
 class Edge:
     """Everything one edge process shares between its requests."""
 
-    def __init__(self, config, context=None):
+    def __init__(self, config, context=None, native: bool = True, reuse_port: bool = False):
         self.config = config
+        self.reuse_port = reuse_port
         self.limits = config.limits
         self.metrics = TimeSeries(config.edge.metrics_bucket_s, config.edge.metrics_buckets)
         self.backend = Backend(config, self._on_message, context=context,
                                on_worker_change=self._on_worker_change)
         self.fanout = Fanout(self.backend, config.edge.subscription_linger_s)
         self.timeouts = Timeouts(config.edge.long_poll_timeout_s)
-        self.native = NativeEndpoints(config, self.backend, context=context)
+        self.native = NativeEndpoints(config, self.backend, context=context) if native else None
         self.server = None
 
     def _on_message(self, message) -> None:
@@ -58,12 +59,14 @@ class Edge:
         self.backend.start()
         self.fanout.start()
         self.timeouts.start()
-        self.native.start(asyncio.get_running_loop())
+        if self.native is not None:
+            self.native.start(asyncio.get_running_loop())
         self.server = EdgeHTTPServer(self.metrics, FastPath(self, make_app(self)),
                                      max_body_size=self.limits.max_message_bytes,
                                      idle_connection_timeout=3600)
         if sockets is None:
-            self.server.listen(self.config.edge.port, self.config.edge.host)
+            self.server.listen(self.config.edge.port, self.config.edge.host,
+                               reuse_port=self.reuse_port)
         else:
             self.server.add_sockets(sockets)
         log.info("edge listening on http://%s:%d (%d workers, long-poll timeout %g s)",
@@ -89,7 +92,8 @@ class Edge:
                 log.warning("some connections did not close within 2 s")
         self.timeouts.close()
         self.fanout.close()
-        self.native.close()
+        if self.native is not None:
+            self.native.close()
         self.backend.close()
 
     def publish(self, channel: str, data: bytes, options) -> asyncio.Future:
@@ -394,8 +398,8 @@ def _log_request(handler) -> None:
                 1000.0 * handler.request.request_time())
 
 
-async def serve(config, stop: asyncio.Event) -> None:
-    edge = Edge(config)
+async def serve(config, stop: asyncio.Event, native: bool, reuse_port: bool) -> None:
+    edge = Edge(config, native=native, reuse_port=reuse_port)
     await edge.start()
     await stop.wait()
     log.info("edge stopping: answering waiting subscribers")
@@ -407,6 +411,10 @@ def main(argv=None) -> int:
                                      description="Run one HTTP edge of a firehose-zmq cluster.")
     parser.add_argument("--config", help="cluster config (TOML); default: the embedded local one")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="share the HTTP port with other edges on this host (SO_REUSEPORT)")
+    parser.add_argument("--no-native", action="store_true",
+                        help="do not serve the native ZeroMQ endpoints (another edge does)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
@@ -421,7 +429,7 @@ def main(argv=None) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await serve(config, stop)
+        await serve(config, stop, native=not args.no_native, reuse_port=args.reuse_port)
 
     try:
         asyncio.run(run())

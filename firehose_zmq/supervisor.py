@@ -124,7 +124,11 @@ def main(argv=None) -> int:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--stop-timeout", type=float, default=10.0,
                         help="seconds to wait for children after SIGTERM before SIGKILL")
+    parser.add_argument("--edges", type=int, default=1,
+                        help="edge processes sharing the HTTP port (one per core); default 1")
     args = parser.parse_args(argv)
+    if args.edges < 1:
+        parser.error("--edges must be at least 1")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
     try:
@@ -137,11 +141,19 @@ def main(argv=None) -> int:
                       [sys.executable, "-m", "firehose_zmq.worker", "--id", w.id] + common,
                       stop_step=1)
                 for w in config.workers]
-    children.insert(0, Child("edge", [sys.executable, "-m", "firehose_zmq.edge"] + common,
-                             stop_step=0))
+    edge_argv = [sys.executable, "-m", "firehose_zmq.edge"] + common
+    if args.edges == 1:
+        children.insert(0, Child("edge", edge_argv, stop_step=0))
+    else:
+        # Every edge shares the HTTP port (SO_REUSEPORT); the first one also
+        # serves the native ZeroMQ endpoints, whose ports cannot be shared.
+        for n in range(args.edges, 0, -1):
+            extra = ["--reuse-port"] + ([] if n == 1 else ["--no-native"])
+            children.insert(0, Child(f"edge {n}", edge_argv + extra, stop_step=0))
     edge = config.edge
-    log.info("firehose cluster: edge on http://%s:%d, workers %s; durability %s in %s",
-             edge.host, edge.port, ", ".join(f"{w.id} ({w.router_bind})" for w in config.workers),
+    log.info("firehose cluster: %d edge(s) on http://%s:%d, workers %s; durability %s in %s",
+             args.edges, edge.host, edge.port,
+             ", ".join(f"{w.id} ({w.router_bind})" for w in config.workers),
              config.storage.durability, os.path.abspath(config.storage.data_dir))
     return Supervisor(children, args.stop_timeout).run()
 

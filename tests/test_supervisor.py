@@ -16,7 +16,7 @@ def pids_started(process: Process) -> dict:
     """name -> newest pid, from the supervisor's log."""
     found = {}
     for line in process.lines:
-        match = re.search(r"started (worker \w+|edge) \(pid (\d+)\)", line)
+        match = re.search(r"started (worker \w+|edge(?: \d+)?) \(pid (\d+)\)", line)
         if match:
             found[match.group(1)] = int(match.group(2))
     return found
@@ -120,5 +120,25 @@ def test_sigterm_drains_edge_then_workers_and_restart_keeps_channels(tmp_path):
         assert json.loads(request(cluster.url("/kept?last_message_sequence=1")).body) == \
             {"message": "m2", "last_sequence": 2}
         assert request(cluster.url("/kept"), "PUT", b"m3").header("X-Firehose-Sequence") == "3"
+    finally:
+        supervisor.stop()
+
+
+def test_two_edges_share_the_port(tmp_path):
+    """--edges 2 runs two edges on one HTTP port; both serve, and SIGTERM stops all."""
+    layout = Cluster(tmp_path)
+    supervisor = Process("cluster", [str(BIN / "firehose-cluster"), "--config",
+                                     str(layout.config_path), "--edges", "2"], layout.env)
+    try:
+        for line in ("edge listening", "worker w1 up", "worker w2 up"):
+            first = supervisor.wait_for(line)
+            supervisor.wait_for(line, start=first + 1)  # from the second edge too
+        children = pids_started(supervisor)
+        assert {"edge 1", "edge 2"} <= set(children)
+        for n in range(20):
+            assert request(layout.url(f"/two/{n}"), "PUT", b"x").status == 202
+        supervisor.signal(signal.SIGTERM)
+        assert supervisor.popen.wait(30) == 0
+        assert not any(alive(pid) for pid in children.values())
     finally:
         supervisor.stop()

@@ -13,6 +13,15 @@ once, a hung one within the liveness window. Requests to a worker that is down
 fail at once with ``WorkerUnavailable`` instead of waiting for the deadline;
 ``ZMQ_IMMEDIATE`` keeps the DEALER from queueing for a peer that is not there.
 
+Publishes get a ``publish_id`` (unique per edge process) and a ``deadline_ms``
+a little before the edge stops waiting. When their worker goes down they are
+not failed at once like other requests: they wait for their deadline, and if
+the worker comes back first they are sent again, once, with the same id. The
+worker answers a retry of a publish it already stored with the first result,
+and refuses a publish whose deadline has passed, so a 202 always means stored
+and a 503 almost always means not stored (only a reply lost in the last
+``_DEADLINE_MARGIN_S`` before the deadline can leave a 503 for a stored message).
+
 The sockets are plain (non-async) pyzmq sockets read from the asyncio loop:
 their FD is edge-triggered, so every reader drains until EAGAIN and is drained
 again after each send on the same socket.
@@ -22,6 +31,7 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -32,6 +42,9 @@ from .ring import Ring
 log = logging.getLogger("firehose.backend")
 
 _BATCH = 512
+# The worker is told to refuse a publish this long before the edge gives up on it,
+# so that an accepted publish's reply has time to arrive.
+_DEADLINE_MARGIN_S = 0.5
 
 
 class BackendError(Exception):
@@ -40,6 +53,10 @@ class BackendError(Exception):
 
 class WorkerUnavailable(BackendError):
     """The owning worker is down or did not answer within the deadline."""
+
+
+class OwnerDown(WorkerUnavailable):
+    """The owner of a channel went down while a subscriber was waiting on it."""
 
 
 class RequestRejected(BackendError):
@@ -104,7 +121,19 @@ class WorkerLink:
         self.last_reply = 0.0
         self.alive = False
         self.ping_in_flight = False
-        self.pending: dict = {}  # request id -> (future, deadline handle)
+        self.pending: dict = {}  # request id -> Pending
+
+
+class Pending:
+    """A request waiting for its reply; ``body`` is kept for a publish's one retry."""
+
+    __slots__ = ("future", "deadline", "body", "retries_left")
+
+    def __init__(self, future, deadline, body, retries_left: int):
+        self.future = future
+        self.deadline = deadline
+        self.body = body
+        self.retries_left = retries_left
 
 
 class Backend:
@@ -118,6 +147,8 @@ class Backend:
         self._context = context or zmq.Context.instance()
         self._links = {w.id: WorkerLink(w) for w in config.workers}
         self._ids = itertools.count(1)
+        self._publish_id_prefix = uuid.uuid4().hex
+        self.resent_publishes = 0
         self._timeout_s = config.edge.request_timeout_s
         self._interval_s = config.edge.heartbeat_interval_ms / 1000.0
         self._liveness_s = self._interval_s * config.edge.heartbeat_liveness
@@ -139,7 +170,7 @@ class Backend:
             dealer.setsockopt(zmq.SNDHWM, 100000)
             dealer.setsockopt(zmq.RCVHWM, 100000)
             dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-            dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
             link.monitor = dealer.get_monitor_socket(
                 zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
             dealer.connect(link.config.router_connect)
@@ -152,7 +183,7 @@ class Backend:
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 200000)
         self._sub.setsockopt(zmq.RECONNECT_IVL, 100)
-        self._sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self._sub.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         for link in self._links.values():
             self._sub.connect(link.config.pub_connect)
         self._sub_reader = SocketReader(self._loop, self._sub, self._on_pub)
@@ -188,27 +219,43 @@ class Backend:
         return self.call(self.ring.owner(channel), {"op": op, "channel": channel, **fields})
 
     def call(self, worker_id: str, request: dict, force: bool = False) -> asyncio.Future:
-        """Send a request to one worker; the future gets the reply or a BackendError."""
+        """Send a request to one worker; the future gets the reply or a BackendError.
+
+        A publish gets a publish id and a deadline unless it has them, and is sent
+        again once if the worker reconnects before the deadline."""
         link = self._links[worker_id]
         future = self._loop.create_future()
         if not (link.alive or force):
             future.set_exception(WorkerUnavailable(f"worker {worker_id} is unavailable"))
             return future
         request_id = next(self._ids)
+        retries = 0
+        if request.get("op") == "publish":
+            retries = 1
+            request = {"publish_id": f"{self._publish_id_prefix}-{request_id}",
+                       "deadline_ms": int(1000 * (time.time() + self._timeout_s
+                                                  - min(_DEADLINE_MARGIN_S, self._timeout_s / 4))),
+                       **request}
+        body = protocol.encode_request({"id": request_id, **request})
         try:
-            link.dealer.send(protocol.encode_request({"id": request_id, **request}), zmq.NOBLOCK)
+            link.dealer.send(body, zmq.NOBLOCK)
         except zmq.Again:
             future.set_exception(WorkerUnavailable(f"worker {worker_id} is not connected"))
             return future
         deadline = self._loop.call_later(self._timeout_s, self._expire, link, request_id)
-        link.pending[request_id] = (future, deadline)
+        link.pending[request_id] = Pending(future, deadline, body if retries else None, retries)
         link.reader.soon()
         return future
 
+    def pending_publishes(self) -> list:
+        """The futures of every publish still waiting for its reply."""
+        return [p.future for link in self._links.values() for p in link.pending.values()
+                if p.body is not None]
+
     def _expire(self, link, request_id) -> None:
         entry = link.pending.pop(request_id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(WorkerUnavailable(
+        if entry is not None and not entry.future.done():
+            entry.future.set_exception(WorkerUnavailable(
                 f"worker {link.id} did not answer within {self._timeout_s:g} s"))
 
     def _on_reply(self, link, frames) -> None:
@@ -224,8 +271,8 @@ class Backend:
         if entry is None:
             log.debug("late reply %r from worker %s dropped", reply["id"], link.id)
             return
-        future, deadline = entry
-        deadline.cancel()
+        entry.deadline.cancel()
+        future = entry.future
         if future.done():
             return
         if reply["ok"]:
@@ -233,12 +280,34 @@ class Backend:
         else:
             future.set_exception(RequestRejected(reply["error"], reply["reason"]))
 
-    def _fail_pending(self, link, reason: str) -> None:
+    def _fail_pending(self, link, reason: str, keep_retryable: bool = False) -> None:
+        """Fail the link's pending requests; with ``keep_retryable`` publishes that
+        may still be retried keep waiting for their deadline."""
         pending, link.pending = link.pending, {}
-        for future, deadline in pending.values():
-            deadline.cancel()
-            if not future.done():
-                future.set_exception(WorkerUnavailable(reason))
+        for request_id, entry in pending.items():
+            if keep_retryable and entry.retries_left > 0 and not entry.future.done():
+                link.pending[request_id] = entry
+                continue
+            entry.deadline.cancel()
+            if not entry.future.done():
+                entry.future.set_exception(WorkerUnavailable(reason))
+
+    def _resend_publishes(self, link) -> None:
+        """Send the publishes that waited through an outage again (same id: the worker
+        answers one it already stored with the first result)."""
+        resent = 0
+        for entry in link.pending.values():
+            if entry.retries_left > 0 and not entry.future.done():
+                entry.retries_left -= 1
+                try:
+                    link.dealer.send(entry.body, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                resent += 1
+        if resent:
+            self.resent_publishes += resent
+            log.info("resent %d publish(es) to worker %s after it came back", resent, link.id)
+            link.reader.soon()
 
     # -- liveness --------------------------------------------------------------
 
@@ -248,9 +317,11 @@ class Backend:
         link.alive = alive
         if alive:
             log.info("worker %s up (%s)", link.id, why)
+            self._resend_publishes(link)
         else:
             log.warning("worker %s down (%s)", link.id, why)
-            self._fail_pending(link, f"worker {link.id} is unavailable ({why})")
+            self._fail_pending(link, f"worker {link.id} is unavailable ({why})",
+                               keep_retryable=True)
         self._on_worker_change(link.id, alive)
 
     def _on_monitor(self, link, frames) -> None:

@@ -110,11 +110,42 @@ class ChannelTable:
         return len(self._channels)
 
     def get(self, name: str, now: float) -> Optional[Channel]:
-        """The live channel called ``name``, or None (an expired one is dropped)."""
+        """The live channel called ``name``, or None.
+
+        An expired channel reads as None but stays in the table until ``expire``
+        drops it (or a publish replaces it), so every channel that goes away is
+        reported by ``expire`` or ``delete`` and storage can follow.
+        """
         channel = self._channels.get(name)
         if channel is not None and channel.expired(now):
-            del self._channels[name]
             return None
+        return channel
+
+    def channels(self):
+        """Every channel in the table (live or expired but not yet dropped)."""
+        return self._channels.values()
+
+    def restore(self, name: str, epoch: int, seq: int, messages, expires_at: Optional[float],
+                buffer_size: int) -> Channel:
+        """Put back a channel as storage kept it; ``messages`` are ``(seq, data)``, oldest first.
+
+        ``messages`` must be contiguous and end at ``seq`` (what ``publish`` keeps);
+        raises ValueError otherwise, so a damaged store is noticed, not served.
+        """
+        buffered = [Message(s, d) for s, d in messages][-buffer_size:] if buffer_size else []
+        for i, message in enumerate(buffered):
+            if message.seq != seq - len(buffered) + 1 + i:
+                raise ValueError(f"stored messages of {name!r} are not contiguous up to {seq}")
+        if seq < 0 or epoch <= 0:
+            raise ValueError(f"stored channel {name!r} has seq {seq} and epoch {epoch}")
+        channel = Channel(name, epoch)
+        channel.seq = seq
+        channel.buffer.extend(buffered)
+        channel.last = buffered[-1] if buffered else None
+        channel.expires_at = expires_at
+        self._channels[name] = channel
+        if expires_at is not None:
+            heapq.heappush(self._expiry_heap, (expires_at, name))
         return channel
 
     def publish(self, name: str, data: bytes, now: float, ttl_s: Optional[float],

@@ -29,12 +29,17 @@ class EdgeConfig:
     port: int = 7474
     long_poll_timeout_s: float = 20.0
     request_timeout_s: float = 3.0
-    heartbeat_interval_ms: int = 500
-    heartbeat_liveness: int = 4
+    # An owner that answers no heartbeat for interval * liveness (1.5 s) is down.
+    heartbeat_interval_ms: int = 300
+    heartbeat_liveness: int = 5
     subscription_linger_s: float = 5.0
     cors_allow_origins: tuple = ()
     metrics_bucket_s: int = 5
     metrics_buckets: int = 60
+    # Native ZeroMQ (PROTOCOL.md §10): the edge binds both; clients connect.
+    native_pub_bind: str = "tcp://127.0.0.1:7475"  # XPUB: native SUB sockets connect here
+    native_router_bind: str = "tcp://127.0.0.1:7476"  # ROUTER: native DEALER/REQ connect here
+    native_send_hwm: int = 10000  # messages queued per native subscriber before drops
     # WebSocket and Server-Sent Events (PROTOCOL.md §6-7)
     ws_ping_interval_s: float = 20.0  # protocol-level pings ...
     ws_ping_timeout_s: float = 20.0  # ... a socket without a pong this long after one is closed
@@ -43,6 +48,27 @@ class EdgeConfig:
     stream_max_channels: int = 1000  # channels on one multiplexed WebSocket or event stream
     sse_keepalive_s: float = 15.0  # a comment line this often keeps idle event streams open
     sse_retry_ms: int = 2000  # the reconnect delay sent to browsers (EventSource "retry:")
+
+
+DURABILITY_MODES = ("sync", "async", "memory")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How a worker keeps its channels (see README, "Durability and failures").
+
+    ``durability``: ``sync`` (a publish is acknowledged once it is committed to
+    disk), ``async`` (acknowledged at once, committed within ``flush_interval_ms``)
+    or ``memory`` (nothing on disk). ``data_dir`` holds one SQLite file per worker;
+    a relative path is relative to the working directory. ``publish_id_window_s``
+    is how long a publish id is remembered to answer retries.
+    """
+
+    durability: str = "sync"
+    data_dir: str = "var"
+    flush_interval_ms: int = 100
+    publish_id_window_s: int = 600
+    max_unflushed_ops: int = 50000
 
 
 @dataclass(frozen=True)
@@ -60,6 +86,7 @@ class ClusterConfig:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     limits: Limits = field(default_factory=Limits)
     ring_vnodes: int = 160
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def worker(self, worker_id: str) -> WorkerConfig:
         for worker in self.workers:
@@ -110,7 +137,7 @@ def _check_table(table, cls, where: str) -> dict:
 
 def parse_config(document: dict) -> ClusterConfig:
     """Build a config from a parsed TOML document; raises ConfigError."""
-    unknown = set(document) - {"workers", "edge", "limits", "ring_vnodes"}
+    unknown = set(document) - {"workers", "edge", "limits", "ring_vnodes", "storage"}
     if unknown:
         raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
     raw_workers = document.get("workers")
@@ -142,11 +169,26 @@ def parse_config(document: dict) -> ClusterConfig:
     vnodes = document.get("ring_vnodes", 160)
     if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
         raise ConfigError("ring_vnodes must be a positive integer")
-    return ClusterConfig(tuple(workers), edge, limits, vnodes)
+    storage = StorageConfig(**_check_table(document.get("storage", {}), StorageConfig, "storage"))
+    check_storage(storage)
+    return ClusterConfig(tuple(workers), edge, limits, vnodes, storage)
+
+
+def check_storage(storage: StorageConfig) -> StorageConfig:
+    """Raise ConfigError unless ``storage`` can be used; returns it."""
+    if storage.durability not in DURABILITY_MODES:
+        raise ConfigError(f"storage.durability must be one of {', '.join(DURABILITY_MODES)}, "
+                          f"not {storage.durability!r}")
+    if storage.flush_interval_ms < 1:
+        raise ConfigError("storage.flush_interval_ms must be at least 1")
+    if storage.max_unflushed_ops < 1:
+        raise ConfigError("storage.max_unflushed_ops must be at least 1")
+    return storage
 
 
 def apply_environment(config: ClusterConfig, environ) -> ClusterConfig:
-    """``PORT`` and ``FIREHOSE_LONG_POLL_TIMEOUT`` (seconds) override the file."""
+    """``PORT``, ``FIREHOSE_LONG_POLL_TIMEOUT`` (seconds) and ``FIREHOSE_DATA_DIR``
+    override the file."""
     edge = config.edge
     port = environ.get("PORT")
     if port:
@@ -163,7 +205,11 @@ def apply_environment(config: ClusterConfig, environ) -> ClusterConfig:
             raise ConfigError(f"FIREHOSE_LONG_POLL_TIMEOUT must be a positive number of seconds,"
                               f" not {timeout!r}")
         edge = replace(edge, long_poll_timeout_s=seconds)
-    return replace(config, edge=edge)
+    storage = config.storage
+    data_dir = environ.get("FIREHOSE_DATA_DIR")
+    if data_dir:
+        storage = replace(storage, data_dir=data_dir)
+    return replace(config, edge=edge, storage=storage)
 
 
 def load_config(path: Optional[str] = None, environ=None) -> ClusterConfig:

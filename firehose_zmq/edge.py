@@ -7,8 +7,8 @@ is fed from the workers' message streams. Handlers get the ``Edge`` injected;
 """
 
 import argparse
-import json
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -17,11 +17,13 @@ import tornado.httpserver
 import tornado.web
 
 from . import httpwire, streams
-from .backend import Backend, BackendError, RequestRejected, WorkerUnavailable
+from .backend import Backend, BackendError, RequestRejected
 from .config import ConfigError, load_config
-from .fanout import Fanout, Poll
+from .fanout import Fanout, Poll, Timeouts
+from .fastpath import FastPath
 from .httpwire import HttpError, Subscription
 from .metrics import TimeSeries
+from .native import NativeEndpoints
 
 log = logging.getLogger("firehose.edge")
 
@@ -34,28 +36,38 @@ _DISCARD_LIMIT_FACTOR = 4
 class Edge:
     """Everything one edge process shares between its requests."""
 
-    def __init__(self, config, context=None):
+    def __init__(self, config, context=None, native: bool = True, reuse_port: bool = False):
         self.config = config
+        self.reuse_port = reuse_port
         self.limits = config.limits
         self.metrics = TimeSeries(config.edge.metrics_bucket_s, config.edge.metrics_buckets)
-        self.backend = Backend(config, self._on_message, context=context)
+        self.backend = Backend(config, self._on_message, context=context,
+                               on_worker_change=self._on_worker_change)
         self.fanout = Fanout(self.backend, config.edge.subscription_linger_s)
-        self.polls: set = set()
+        self.timeouts = Timeouts(config.edge.long_poll_timeout_s)
+        self.native = NativeEndpoints(config, self.backend, context=context) if native else None
         self.streams: set = set()  # open WebSockets and event streams (streams.py)
         self.server = None
 
     def _on_message(self, message) -> None:
         self.fanout.on_message(message)
 
+    def _on_worker_change(self, worker_id: str, up: bool) -> None:
+        self.fanout.worker_changed(worker_id, up)
+
     async def start(self, sockets=None) -> None:
         """Connect to the workers and listen (on ``sockets`` if given, else the config)."""
         self.backend.start()
         self.fanout.start()
-        self.server = EdgeHTTPServer(self.metrics, make_app(self),
+        self.timeouts.start()
+        if self.native is not None:
+            self.native.start(asyncio.get_running_loop())
+        self.server = EdgeHTTPServer(self.metrics, FastPath(self, make_app(self)),
                                      max_body_size=self.limits.max_message_bytes,
                                      idle_connection_timeout=3600)
         if sockets is None:
-            self.server.listen(self.config.edge.port, self.config.edge.host)
+            self.server.listen(self.config.edge.port, self.config.edge.host,
+                               reuse_port=self.reuse_port)
         else:
             self.server.add_sockets(sockets)
         log.info("edge listening on http://%s:%d (%d workers, long-poll timeout %g s)",
@@ -63,19 +75,28 @@ class Edge:
                  self.config.edge.long_poll_timeout_s)
 
     async def stop(self) -> None:
-        """Stop accepting, answer every waiting long-poll with 204, close the links."""
+        """Stop accepting, answer every waiting long-poll with 204, let publishes in
+        flight get their answer (bounded by the request timeout), close the links."""
         if self.server is not None:
             self.server.stop()
-        for poll in list(self.polls):
-            poll.cancel()
+        for poll in self.timeouts.pending():
+            poll.expire()
         for stream in list(self.streams):
             stream.shutdown()
+        publishes = self.backend.pending_publishes()
+        if publishes:
+            log.info("edge stopping: waiting for %d publish(es) in flight", len(publishes))
+            await asyncio.wait(publishes, timeout=self.config.edge.request_timeout_s + 1.0)
+            await asyncio.sleep(0)  # let their handlers write the answers
         if self.server is not None:
             try:
                 await asyncio.wait_for(self.server.close_all_connections(), 2.0)
             except asyncio.TimeoutError:
                 log.warning("some connections did not close within 2 s")
+        self.timeouts.close()
         self.fanout.close()
+        if self.native is not None:
+            self.native.close()
         self.backend.close()
 
     def allows_origin(self, origin: str) -> bool:
@@ -83,11 +104,38 @@ class Edge:
         allowed = self.config.edge.cors_allow_origins
         return not allowed or origin in allowed
 
-    def poll(self, subscriptions) -> Poll:
-        poll = Poll(self.fanout, subscriptions, self.config.edge.long_poll_timeout_s)
-        self.polls.add(poll)
-        poll.future.add_done_callback(lambda _: self.polls.discard(poll))
-        return poll
+    def publish(self, channel: str, data: bytes, options) -> asyncio.Future:
+        """Publish to the owning worker; the future gets the message's sequence."""
+        fields = {"data": data, "buffer_size": options.buffer_size}
+        if options.ttl_s is None:
+            fields["persist"] = True
+        else:
+            fields["ttl"] = options.ttl_s
+        reply = self.backend.request(channel, "publish", **fields)
+        published = asyncio.get_running_loop().create_future()
+
+        def done(future):
+            if future.exception() is not None:
+                published.set_exception(future.exception())
+                return
+            self.metrics.incr(time.time(), "published", channel)
+            published.set_result(future.result()["seq"])
+        reply.add_done_callback(done)
+        return published
+
+    @staticmethod
+    def backend_error_status(exc: BackendError) -> tuple:
+        """The HTTP status and one-line reason for a failed worker request."""
+        if isinstance(exc, RequestRejected):
+            if exc.code == "too_large":
+                return 413, str(exc)
+            if exc.code == "bad_request":
+                return 400, str(exc)
+        return 503, f"Service unavailable: {exc}"
+
+    def poll(self, subscriptions, on_done) -> Poll:
+        """Start a long-poll; ``on_done(result, exc)`` ends it (see ``Poll``)."""
+        return Poll(self.fanout, self.timeouts, subscriptions, on_done)
 
 
 class EdgeHTTPServer(tornado.httpserver.HTTPServer):
@@ -149,7 +197,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if status == 405:
             self.set_header("Allow", self.allow)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish(reason.replace("\n", " ") + "\n")
+        self.finish(reason.replace("\n", " "))
 
     def answer_json(self, body: bytes, status: int = 200) -> None:
         self.set_status(status)
@@ -157,12 +205,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(body)
 
     def answer_backend_error(self, exc: BackendError) -> None:
-        if isinstance(exc, RequestRejected):
-            if exc.code == "too_large":
-                return self.answer(413, str(exc))
-            if exc.code == "bad_request":
-                return self.answer(400, str(exc))
-        self.answer(503, f"Service unavailable: {exc}")
+        self.answer(*self.edge.backend_error_status(exc))
 
     def options(self, *args):
         """CORS preflight."""
@@ -192,15 +235,14 @@ class BaseHandler(tornado.web.RequestHandler):
         for sub in subscriptions:
             edge.metrics.incr(now, "subscribed_multiplexed" if multiplexed else "subscribed",
                               sub.channel)
-        poll = self.poll_in_flight = edge.poll(subscriptions)
-        try:
-            result = await poll.future
-        except BackendError as exc:
-            return self.answer_backend_error(exc)
-        finally:
-            self.poll_in_flight = None
+        ended = asyncio.get_running_loop().create_future()
+        self.poll_in_flight = edge.poll(subscriptions, lambda *outcome: ended.set_result(outcome))
+        result, exc = await ended
+        self.poll_in_flight = None
         if self.client_gone:
             return
+        if exc is not None:
+            return self.answer_backend_error(exc)
         if result is None:
             edge.metrics.incr(time.time(), "timeouts")
             self.set_status(204)
@@ -262,18 +304,12 @@ class ChannelHandler(BaseHandler):
                                                      limits.max_buffer_size)
         except HttpError as exc:
             return self.answer(exc.status, exc.reason)
-        fields = {"data": b"".join(self.body_parts), "buffer_size": options.buffer_size}
-        if options.ttl_s is None:
-            fields["persist"] = True
-        else:
-            fields["ttl"] = options.ttl_s
         try:
-            reply = await edge.backend.request(self.channel, "publish", **fields)
+            seq = await edge.publish(self.channel, b"".join(self.body_parts), options)
         except BackendError as exc:
             return self.answer_backend_error(exc)
-        edge.metrics.incr(time.time(), "published", self.channel)
         self.set_status(202)
-        self.set_header("X-Firehose-Sequence", str(reply["seq"]))
+        self.set_header("X-Firehose-Sequence", str(seq))
         self.finish()
 
     async def get(self, *args):
@@ -349,7 +385,7 @@ class MetricsHandler(BaseHandler):
         report = self.edge.metrics.report(time.time())
         self.answer_json(json.dumps(report, separators=(",", ":")).encode())
 
-    post = patch = delete = get
+    post = patch = delete = options = get
 
     def put(self):
         self.answer(400, "Channel names containing @firehose are reserved")
@@ -377,8 +413,8 @@ def _log_request(handler) -> None:
                 1000.0 * handler.request.request_time())
 
 
-async def serve(config, stop: asyncio.Event) -> None:
-    edge = Edge(config)
+async def serve(config, stop: asyncio.Event, native: bool, reuse_port: bool) -> None:
+    edge = Edge(config, native=native, reuse_port=reuse_port)
     await edge.start()
     await stop.wait()
     log.info("edge stopping: answering waiting subscribers")
@@ -390,6 +426,10 @@ def main(argv=None) -> int:
                                      description="Run one HTTP edge of a firehose-zmq cluster.")
     parser.add_argument("--config", help="cluster config (TOML); default: the embedded local one")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="share the HTTP port with other edges on this host (SO_REUSEPORT)")
+    parser.add_argument("--no-native", action="store_true",
+                        help="do not serve the native ZeroMQ endpoints (another edge does)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
@@ -404,7 +444,7 @@ def main(argv=None) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await serve(config, stop)
+        await serve(config, stop, native=not args.no_native, reuse_port=args.reuse_port)
 
     try:
         asyncio.run(run())

@@ -21,6 +21,13 @@ last-value cache); any message whose sequence jumps past ``floor + 1`` makes the
 listener fetch the gap from the worker. So nothing is lost, and duplicates are
 dropped by sequence.
 
+When the owner of a channel goes down (``worker_changed``), every listener of
+its channels gets ``on_error(listener, OwnerDown)`` and is removed: a long-poll
+answers 204 and its client re-polls from its sequence; a stream tells its
+client to reconnect. When the owner comes back, listeners that were not
+removed (the outage was too short to be declared) fetch what followed their
+floor, and the SUB socket has re-sent its subscriptions by itself.
+
 Each message is encoded for the JSON transports once (``Item.json``) and the
 same bytes go to every listener.
 """
@@ -31,7 +38,7 @@ import logging
 import time
 
 from . import httpwire
-from .backend import BackendError
+from .backend import BackendError, OwnerDown
 
 log = logging.getLogger("firehose.fanout")
 
@@ -78,9 +85,10 @@ class Item:
 class Listener:
     """A subscriber of one channel. ``on_items(listener, items)`` gets messages in order;
     ``on_error(listener, exc)`` a fetch that failed. ``once`` listeners end after one item.
-    ``on_ready(listener)``, if given, is called exactly once, when the first fetch has
-    ended (after its messages were delivered, or after ``on_error``, or when the
-    listener was removed meanwhile); streams use it to order their replies.
+    ``on_ready(listener)``, if given, is called exactly once, when the listener has
+    first caught up: what it missed was delivered (or it was already caught up), or
+    the fetch failed (after ``on_error``), or it was removed meanwhile. Streams use
+    it to order their replies after a subscription's replay.
     """
 
     __slots__ = ("channel", "once", "on_items", "on_error", "on_ready", "floor", "epoch",
@@ -101,13 +109,25 @@ class Listener:
 
 
 class Feed:
-    __slots__ = ("channel", "listeners", "recent", "idle_since")
+    """One channel's subscription on this edge.
+
+    ``synced`` is true once a message of the channel has arrived on the
+    subscription (the worker re-sends the newest one when it lands) and until the
+    owner is lost; while synced, ``head_seq``/``head_epoch`` are the newest message
+    the worker has published as far as this edge has heard.
+    """
+
+    __slots__ = ("channel", "listeners", "recent", "idle_since", "synced", "head_seq",
+                 "head_epoch")
 
     def __init__(self, channel: str):
         self.channel = channel
         self.listeners: set = set()
         self.recent: deque = deque(maxlen=RECENT_SIZE)
         self.idle_since = 0.0
+        self.synced = False
+        self.head_seq = 0
+        self.head_epoch = 0
 
 
 class Fanout:
@@ -142,6 +162,13 @@ class Fanout:
             feed = self._feeds[listener.channel] = Feed(listener.channel)
             self._backend.subscribe(listener.channel)
         feed.listeners.add(listener)
+        if feed.synced and last_seq == feed.head_seq:
+            # Caught up with what the worker last published: the answer would be
+            # "wait", and every later message will arrive on the subscription.
+            listener.epoch = feed.head_epoch
+            listener.floor = last_seq
+            self._ready(listener)
+            return
         self._fetch(listener, since=last_seq, after=False)
 
     def remove(self, listener: Listener) -> None:
@@ -168,8 +195,15 @@ class Fanout:
         try:
             self._apply_fetch(listener, future, after)
         finally:
-            if not after and listener.on_ready is not None:
-                listener.on_ready(listener)
+            if listener.closed or not listener.fetching:
+                self._ready(listener)
+
+    @staticmethod
+    def _ready(listener: Listener) -> None:
+        on_ready = listener.on_ready
+        if on_ready is not None:
+            listener.on_ready = None
+            on_ready(listener)
 
     def _apply_fetch(self, listener: Listener, future, after: bool) -> None:
         if listener.closed:
@@ -193,11 +227,15 @@ class Fanout:
             return
         listener.fetching = False
         listener.epoch = epoch
-        listener.floor = reply["seq"]
         items = [Item(seq, data) for seq, data in reply["messages"]]
+        listener.floor = items[-1].seq if items else reply["seq"]
         if items:
             self._deliver(listener, items)
         if listener.closed:
+            return
+        if listener.floor < reply["seq"]:
+            # The reply stopped short (size limit): ask for the rest.
+            self._fetch(listener, since=listener.floor, after=True)
             return
         feed = self._feeds.get(listener.channel)
         if feed is not None:
@@ -231,6 +269,24 @@ class Fanout:
                       listener.floor, message.seq)
             self._fetch(listener, since=listener.floor, after=True)
 
+    def worker_changed(self, worker_id: str, up: bool) -> None:
+        """The backend's verdict on a worker changed; see the module docstring."""
+        if not up:
+            self.owner_lost(worker_id)
+        owned = [feed for channel, feed in self._feeds.items()
+                 if self._backend.owner(channel) == worker_id]
+        for feed in owned:
+            for listener in list(feed.listeners):
+                if listener.closed:
+                    continue
+                if up:
+                    if not listener.fetching:
+                        self._fetch(listener, since=listener.floor, after=True)
+                else:
+                    self.remove(listener)
+                    listener.on_error(listener, OwnerDown(
+                        f"worker {worker_id}, the owner of {listener.channel}, is unavailable"))
+
     # -- messages --------------------------------------------------------------
 
     def on_message(self, message) -> None:
@@ -240,8 +296,19 @@ class Fanout:
             return
         live = LiveMessage(message.seq, message.epoch, Item(message.seq, message.data))
         feed.recent.append(live)
+        if message.epoch > feed.head_epoch or (message.epoch == feed.head_epoch
+                                                and message.seq > feed.head_seq):
+            feed.head_epoch, feed.head_seq = message.epoch, message.seq
+        feed.synced = True
         for listener in list(feed.listeners):
             self._offer(listener, live)
+
+    def owner_lost(self, worker_id: str) -> None:
+        """The subscriptions to ``worker_id`` may have missed messages: stop trusting them."""
+        owner = self._backend.owner
+        for feed in self._feeds.values():
+            if owner(feed.channel) == worker_id:
+                feed.synced = False
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -263,40 +330,89 @@ class LiveMessage:
 
 
 class Poll:
-    """One long-poll over one or more channels: resolves once, with the first message.
+    """One long-poll over one or more channels: ends once, with the first message.
 
-    ``future`` gets ``(channel, item)``, ``None`` on timeout, or a BackendError.
+    ``on_done(result, exc)`` is called exactly once: ``result`` is
+    ``(channel, item)``, or None on timeout or cancel; ``exc`` a BackendError.
     """
 
-    def __init__(self, fanout: Fanout, subscriptions, timeout_s: float):
-        loop = asyncio.get_running_loop()
-        self.future = loop.create_future()
+    __slots__ = ("on_done", "done", "slot", "_fanout", "_timeouts", "_listeners")
+
+    def __init__(self, fanout: Fanout, timeouts: "Timeouts", subscriptions, on_done):
+        self.on_done = on_done
+        self.done = False
         self._fanout = fanout
+        self._timeouts = timeouts
         self._listeners = [Listener(sub.channel, self._on_items, self._on_error, once=True)
                            for sub in subscriptions]
-        self._timer = loop.call_later(timeout_s, self._resolve, None, None)
+        timeouts.add(self)
         for listener, sub in zip(self._listeners, subscriptions):
-            if self.future.done():
+            if self.done:
                 break
             fanout.add(listener, sub.last_sequence)
 
     def _on_items(self, listener, items) -> None:
-        self._resolve((listener.channel, items[0]), None)
+        self._end((listener.channel, items[0]), None)
 
     def _on_error(self, listener, exc) -> None:
-        self._resolve(None, exc)
+        # A wait cut short by an outage ends like a timeout: the client re-polls.
+        self._end(None, None if isinstance(exc, OwnerDown) else exc)
 
-    def _resolve(self, result, exc) -> None:
-        if self.future.done():
+    def _end(self, result, exc) -> None:
+        if self.done:
             return
-        self._timer.cancel()
+        self.done = True
+        self._timeouts.discard(self)
         for listener in self._listeners:
             self._fanout.remove(listener)
-        if exc is not None:
-            self.future.set_exception(exc)
-        else:
-            self.future.set_result(result)
+        self.on_done(result, exc)
 
-    def cancel(self) -> None:
-        """Forget the poll (its client went away); the future gets None."""
-        self._resolve(None, None)
+    def expire(self) -> None:
+        """The long-poll timeout passed: end with no message."""
+        self._end(None, None)
+
+    cancel = expire
+
+
+class Timeouts:
+    """Long-polls grouped by the tenth of a second in which they time out.
+
+    One timer sweeps the whole table every 100 ms, instead of one timer per poll.
+    """
+
+    _SLOT_S = 0.1
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._slots: dict = {}
+        self._timer = None
+
+    def start(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._SLOT_S, self._sweep)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def add(self, poll: Poll) -> None:
+        slot = int((time.monotonic() + self.timeout_s) / self._SLOT_S)
+        poll.slot = slot
+        polls = self._slots.get(slot)
+        if polls is None:
+            polls = self._slots[slot] = set()
+        polls.add(poll)
+
+    def discard(self, poll: Poll) -> None:
+        polls = self._slots.get(poll.slot)
+        if polls is not None:
+            polls.discard(poll)
+
+    def pending(self) -> list:
+        return [poll for polls in self._slots.values() for poll in polls]
+
+    def _sweep(self) -> None:
+        now_slot = int(time.monotonic() / self._SLOT_S)
+        for slot in [slot for slot in self._slots if slot <= now_slot]:
+            for poll in list(self._slots.pop(slot)):
+                poll.expire()
+        self._timer = asyncio.get_running_loop().call_later(self._SLOT_S, self._sweep)

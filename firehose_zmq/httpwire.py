@@ -13,7 +13,7 @@ MAX_SEQUENCE = 2**63 - 1
 RESERVED_MARK = "@firehose"
 NEGATIVE_SEQUENCE_REASON = "The last_message_sequence parameter may not be less than zero"
 
-_INTEGER = re.compile(r"-?[0-9]+")
+_INTEGER = re.compile(r"[-+]?[0-9]+")
 _FORBIDDEN_NAME_BYTES = re.compile(rb"[\x00-\x1f\x7f!,]")
 
 

@@ -12,7 +12,14 @@ Requests: DEALER (edge or native client) -> ROUTER (worker or edge)::
     +--------------------+----------------------------------------------+
 
     publish: channel (str), data (bytes), ttl (int >= 0, optional),
-             persist (bool, optional), buffer_size (int >= 0, optional)
+             persist (bool, optional), buffer_size (int >= 0, optional),
+             publish_id (str or bytes of 1-128 bytes, optional: a retry with the
+             same id is answered with the first publish's seq and epoch and
+             ``duplicate: true``, and stores nothing; ids are remembered for the
+             worker's publish id window, across restarts when storage is on),
+             deadline_ms (int, optional: Unix time in ms after which the sender
+             no longer waits; the worker then refuses with ``deadline`` instead
+             of applying it late)
     fetch:   channel (str), since (int), limit (int >= 1, optional),
              after (bool, optional: every buffered message above ``since``
              instead of the PROTOCOL.md §5 rules; used to fill gaps)
@@ -22,10 +29,12 @@ Requests: DEALER (edge or native client) -> ROUTER (worker or edge)::
 Replies: the same envelope, then one msgpack map::
 
     {"v": 1, "id": <echoed>, "ok": true, ...}
-        publish -> seq, epoch;  fetch -> seq, epoch, messages: [[seq, data], ...]
+        publish -> seq, epoch (duplicate: true for a recognised retry)
+        fetch   -> seq, epoch, messages: [[seq, data], ...]
         delete  -> existed;     ping  -> worker, ring
     {"v": 1, "id": <echoed or nil>, "ok": false, "error": <code>, "reason": <str>,
      "ring": <ring version>}
+    codes: bad_request, not_owner, unsupported_version, too_large, unavailable
 
 Messages: worker PUB/XPUB -> edge SUB (and native subscribers)::
 
@@ -47,6 +56,9 @@ BAD_REQUEST = "bad_request"
 NOT_OWNER = "not_owner"
 UNSUPPORTED_VERSION = "unsupported_version"
 TOO_LARGE = "too_large"
+UNAVAILABLE = "unavailable"
+DEADLINE = "deadline"        # the request's deadline_ms had passed when it was read
+OVERLOADED = "overloaded"    # the worker's store is too far behind to take more
 
 _ENVELOPE_SLACK_BYTES = 64 * 1024
 
@@ -82,6 +94,8 @@ def _unpack(frame: bytes, max_bytes: int):
         return msgpack.unpackb(frame, raw=False, strict_map_key=True,
                                max_bin_len=max_bytes, max_str_len=max_bytes)
     except Exception as exc:  # msgpack raises several unrelated types
+        if isinstance(exc, ValueError) and "exceeds max" in str(exc):
+            raise ProtocolError(f"a field is over the {max_bytes}-byte limit", TOO_LARGE) from None
         raise ProtocolError(f"body is not msgpack: {exc.__class__.__name__}") from None
 
 
@@ -109,6 +123,15 @@ def _is_bool(value) -> bool:
     return isinstance(value, bool)
 
 
+MAX_PUBLISH_ID_BYTES = 128
+
+
+def _is_publish_id(value) -> bool:
+    if isinstance(value, str):
+        return 0 < len(value.encode("utf-8", "surrogatepass")) <= MAX_PUBLISH_ID_BYTES
+    return isinstance(value, bytes) and 0 < len(value) <= MAX_PUBLISH_ID_BYTES
+
+
 # op -> {field: (check, what it must be, required)}
 _REQUEST_FIELDS = {
     "publish": {
@@ -117,6 +140,9 @@ _REQUEST_FIELDS = {
         "ttl": (_nonneg_int, "an integer >= 0", False),
         "persist": (_is_bool, "a boolean", False),
         "buffer_size": (_nonneg_int, "an integer >= 0", False),
+        "publish_id": (_is_publish_id, f"a string or bytes of 1-{MAX_PUBLISH_ID_BYTES} bytes",
+                       False),
+        "deadline_ms": (_nonneg_int, "an integer >= 0", False),
     },
     "fetch": {
         "channel": (_is_str, "a string", True),
@@ -165,6 +191,11 @@ def decode_request(frame: bytes, max_bytes: int) -> dict:
 def encode_reply(request_id, **fields) -> bytes:
     """A successful reply body."""
     return msgpack.packb({"v": VERSION, "id": request_id, "ok": True, **fields}, use_bin_type=True)
+
+
+def reply_fields(reply: dict) -> dict:
+    """The op fields of a decoded successful reply (without ``v``, ``id`` and ``ok``)."""
+    return {k: v for k, v in reply.items() if k not in ("v", "id", "ok")}
 
 
 def encode_error(request_id, code: str, reason: str, ring_version: str) -> bytes:

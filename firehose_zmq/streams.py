@@ -86,9 +86,14 @@ def _ready_callback(listener) -> None:
     _resolve(listener.context)
 
 
-def _is_initial(listener) -> bool:
-    """True while the listener's first fetch has not ended."""
-    return not listener.context.done()
+def _subscription_lost(listener) -> bool:
+    """After ``on_error``: True when the listener will get nothing more.
+
+    That is when its first fetch failed, or when the fan-out removed it (its
+    channel's owner went down). A failed gap fetch is retried by the fan-out on
+    the channel's next message.
+    """
+    return listener.closed or not listener.context.done()
 
 
 # -- routing -----------------------------------------------------------------------
@@ -275,13 +280,21 @@ class _Socket(tornado.websocket.WebSocketHandler):
             self.send(self.frame_for(listener.channel, item))
 
     def on_error(self, listener, exc) -> None:
-        if not _is_initial(listener):
-            # The listener fetches the gap again on the channel's next message.
+        if self.ended:
+            return
+        if not _subscription_lost(listener):
             log.debug("filling a gap on %r failed: %s", listener.channel, exc)
+            return
+        if listener.closed:
+            # A live subscription broke (its owner went down): drop the connection
+            # uncleanly; Firehose clients reconnect and resume from their sequences.
+            log.info("WebSocket on %r: %s; dropping the connection", listener.channel, exc)
+            self.shutdown()
             return
         self.subscription_unavailable(listener, exc)
 
     def subscription_unavailable(self, listener, exc: BackendError) -> None:
+        """A subscription could not be made (its first fetch failed)."""
         raise NotImplementedError
 
     def send(self, frame: bytes) -> None:
@@ -476,7 +489,9 @@ class EventStream:
             self.flush()
 
     def on_error(self, listener, exc) -> None:
-        if not _is_initial(listener):
+        if self.done.done():
+            return
+        if not _subscription_lost(listener):
             log.debug("filling a gap on %r failed: %s", listener.channel, exc)
             return
         # End the response: the browser reconnects after ``retry`` and resumes.

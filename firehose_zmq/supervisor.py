@@ -2,8 +2,12 @@
 
 Starts every worker of the config and one edge as child processes, restarts any
 child that dies (with a growing back-off, logged), and on Ctrl-C or SIGTERM
-stops them all with SIGTERM (SIGKILL after ``--stop-timeout``), leaving none
-behind. Children also get SIGTERM if the supervisor itself is killed (Linux
+drains the cluster in two steps: SIGTERM to the edges first (they stop
+accepting, answer waiting long-polls and let publishes in flight finish while
+the workers still run), then SIGTERM to the workers (they answer what is queued
+and flush their stores); SIGKILL for whatever is still running after
+``--stop-timeout`` per step, leaving none behind. Workers keep their stores in
+``storage.data_dir`` of the config (``./var`` by default). Children also get SIGTERM if the supervisor itself is killed (Linux
 parent-death signal). For a cluster spread over hosts, run ``firehose-worker``
 and ``firehose-edge`` with the same ``--config`` on each host instead.
 """
@@ -37,9 +41,10 @@ def _child_setup() -> None:
 
 
 class Child:
-    def __init__(self, name: str, argv: list):
+    def __init__(self, name: str, argv: list, stop_step: int = 0):
         self.name = name
         self.argv = argv
+        self.stop_step = stop_step  # children are stopped in increasing steps
         self.process = None
         self.started_at = 0.0
         self.backoff_s = 0.5
@@ -93,18 +98,21 @@ class Supervisor:
             child.backoff_s = min(child.backoff_s * 2, _MAX_BACKOFF_S)
 
     def _stop_all(self) -> None:
-        running = [c.process for c in self.children
-                   if c.process is not None and c.process.poll() is None]
-        for process in running:
-            process.terminate()
-        deadline = time.monotonic() + self.stop_timeout_s
-        for process in running:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("pid %d did not stop in time; killing it", process.pid)
-                process.kill()
-                process.wait()
+        for step in sorted({c.stop_step for c in self.children}):
+            running = [c for c in self.children if c.stop_step == step
+                       and c.process is not None and c.process.poll() is None]
+            for child in running:
+                child.process.terminate()
+            deadline = time.monotonic() + self.stop_timeout_s
+            for child in running:
+                try:
+                    code = child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s (pid %d) did not stop in time; killing it", child.name,
+                                child.process.pid)
+                    child.process.kill()
+                    code = child.process.wait()
+                log.info("%s stopped (status %d)", child.name, code)
         log.info("cluster stopped")
 
 
@@ -116,7 +124,11 @@ def main(argv=None) -> int:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--stop-timeout", type=float, default=10.0,
                         help="seconds to wait for children after SIGTERM before SIGKILL")
+    parser.add_argument("--edges", type=int, default=1,
+                        help="edge processes sharing the HTTP port (one per core); default 1")
     args = parser.parse_args(argv)
+    if args.edges < 1:
+        parser.error("--edges must be at least 1")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
     try:
@@ -126,12 +138,23 @@ def main(argv=None) -> int:
         return 2
     common = ["--log-level", args.log_level] + (["--config", args.config] if args.config else [])
     children = [Child(f"worker {w.id}",
-                      [sys.executable, "-m", "firehose_zmq.worker", "--id", w.id] + common)
+                      [sys.executable, "-m", "firehose_zmq.worker", "--id", w.id] + common,
+                      stop_step=1)
                 for w in config.workers]
-    children.append(Child("edge", [sys.executable, "-m", "firehose_zmq.edge"] + common))
+    edge_argv = [sys.executable, "-m", "firehose_zmq.edge"] + common
+    if args.edges == 1:
+        children.insert(0, Child("edge", edge_argv, stop_step=0))
+    else:
+        # Every edge shares the HTTP port (SO_REUSEPORT); the first one also
+        # serves the native ZeroMQ endpoints, whose ports cannot be shared.
+        for n in range(args.edges, 0, -1):
+            extra = ["--reuse-port"] + ([] if n == 1 else ["--no-native"])
+            children.insert(0, Child(f"edge {n}", edge_argv + extra, stop_step=0))
     edge = config.edge
-    log.info("firehose cluster: edge on http://%s:%d, workers %s", edge.host, edge.port,
-             ", ".join(f"{w.id} ({w.router_bind})" for w in config.workers))
+    log.info("firehose cluster: %d edge(s) on http://%s:%d, workers %s; durability %s in %s",
+             args.edges, edge.host, edge.port,
+             ", ".join(f"{w.id} ({w.router_bind})" for w in config.workers),
+             config.storage.durability, os.path.abspath(config.storage.data_dir))
     return Supervisor(children, args.stop_timeout).run()
 
 

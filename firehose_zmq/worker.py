@@ -15,27 +15,58 @@ sequence, arrives as soon as the subscription lands.
 
 The worker is one thread running a zmq poll loop: no lock, no await, and a
 publish costs one PUB message whatever the number of subscribers.
+
+Durability (``store``): every change is also recorded as a store operation; the
+operations of one loop turn go to the store's writer thread as one batch, which
+it commits together with whatever else is waiting (group commit). In ``sync``
+mode every reply and every PUB message waits in the *outbox* until the batch
+that was current when it was made is committed, so a crash can lose nothing a
+client saw; the loop never waits for the disk itself. ``async`` answers first
+and commits within the flush interval; ``memory`` keeps no file.
+
+A publish may carry a ``publish_id``: the worker remembers ids (with the seq
+and epoch they got, in the store too) for ``publish_id_window_s``, so a retry
+after a lost reply, even across a restart, is answered with the first result
+and stores nothing. On SIGTERM the worker reads what is already queued,
+answers it, flushes the store, marks it clean and exits.
 """
 
 import argparse
+from collections import OrderedDict, deque
+from dataclasses import replace
 import logging
 import math
+import os
 import signal
 import time
+from typing import NamedTuple
 
 import zmq
 
 from . import protocol
 from .channel import ChannelTable
-from .config import ConfigError, load_config
+from .config import DURABILITY_MODES, ConfigError, check_storage, load_config
 from .httpwire import HttpError, validate_channel
 from .ring import Ring
+from .store import (DeleteOp, EpochOp, PruneOp, PublishOp, Store, StoreError, StoreWriter)
 
 log = logging.getLogger("firehose.worker")
 
 _BATCH = 256
 _POLL_MS = 100
 _EXPIRE_EVERY_S = 1.0
+_MAX_PUBLISH_IDS = 1_000_000
+_STOP_TIMEOUT_S = 10.0
+
+
+class SeenPublish(NamedTuple):
+    """What a publish id got the first time (``at``: wall-clock seconds)."""
+
+    channel: str
+    seq: int
+    epoch: int
+    at: float
+_PER_MESSAGE_OVERHEAD_BYTES = 16  # msgpack framing of one [seq, data] pair, rounded up
 
 
 class Counters:
@@ -47,6 +78,9 @@ class Counters:
         self.rejected_frames = 0
         self.subscriptions = 0
         self.expired_channels = 0
+        self.duplicate_publishes = 0
+        self.late_requests = 0
+        self.overloaded = 0
 
 
 class Worker:
@@ -57,6 +91,7 @@ class Worker:
         self.me = config.worker(worker_id)
         self.ring = Ring([w.id for w in config.workers], config.ring_vnodes)
         self.limits = config.limits
+        self.storage = check_storage(config.storage)
         self.counters = Counters()
         self._clock = clock
         self._last_epoch = 0
@@ -64,6 +99,62 @@ class Worker:
         self._context = context or zmq.Context.instance()
         self._router = None
         self._xpub = None
+        self._writer = None          # StoreWriter unless durability is "memory"
+        self._gated = False          # sync mode: hold output until committed
+        self._ops: list = []         # store operations of the current loop turn
+        self._outbox: deque = deque()  # (ticket, socket, frames) waiting for a commit
+        self._publish_ids: OrderedDict = OrderedDict()  # id -> SeenPublish, oldest first
+
+    @property
+    def store_path(self) -> str:
+        return os.path.join(self.storage.data_dir, f"{self.me.id}.sqlite3")
+
+    def open_store(self) -> None:
+        """Load this worker's file (unless durability is ``memory``) and start its writer.
+
+        Raises StoreError when the file cannot be used."""
+        storage = self.storage
+        if storage.durability == "memory":
+            log.info("worker %s keeps channels in memory only (durability memory)", self.me.id)
+            return
+        started = time.monotonic()
+        store = Store(self.store_path, "FULL" if storage.durability == "sync" else "NORMAL")
+        now = self._clock()
+        try:
+            snapshot = store.load(now, now - storage.publish_id_window_s)
+            renumbered = []
+            for stored in snapshot.channels:
+                self._last_epoch = max(self._last_epoch, stored.epoch)
+            for stored in snapshot.channels:
+                epoch = stored.epoch
+                if not snapshot.clean and storage.durability == "async":
+                    # The tail of the last run may be lost, and with it sequence numbers
+                    # subscribers saw: a new epoch tells edges this is a new incarnation.
+                    epoch = self._new_epoch()
+                    renumbered.append(EpochOp(stored.name, epoch))
+                self.channels.restore(stored.name, epoch, stored.seq, stored.messages,
+                                      stored.expires_at, stored.buffer_size)
+            for seen in snapshot.publish_ids:
+                self._publish_ids[seen.publish_id] = SeenPublish(seen.name, seen.seq, seen.epoch,
+                                                                 seen.at)
+            if renumbered:
+                store.apply([renumbered])
+        except (StoreError, ValueError) as exc:
+            store.close(clean=False)
+            raise StoreError(f"cannot load {self.store_path}: {exc}") from None
+        except BaseException:
+            store.close(clean=False)
+            raise
+        flush_s = storage.flush_interval_ms / 1000.0 if storage.durability == "async" else 0.0
+        self._writer = StoreWriter(store, self._context, flush_s)
+        self._gated = storage.durability == "sync"
+        self._writer.start()
+        log.info("worker %s loaded %d channels (%d messages, %d publish ids, %d expired) from "
+                 "%s in %.0f ms; durability %s; previous stop %s", self.me.id,
+                 len(snapshot.channels), sum(len(c.messages) for c in snapshot.channels),
+                 len(snapshot.publish_ids), snapshot.dropped_expired, self.store_path,
+                 1000 * (time.monotonic() - started), storage.durability,
+                 "clean" if snapshot.clean else "unclean (crash or kill)")
 
     def _new_epoch(self) -> int:
         self._last_epoch = max(time.time_ns(), self._last_epoch + 1)
@@ -82,48 +173,139 @@ class Worker:
         self._xpub.setsockopt(zmq.SNDHWM, 100000)
         self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, for the cache
         self._xpub.bind(self.me.pub_bind)
+
+    def log_ready(self) -> None:
         log.info("worker %s ready: requests on %s, messages on %s (ring %s, %d workers)",
                  self.me.id, self.me.router_bind, self.me.pub_bind, self.ring.version,
                  len(self.ring.worker_ids))
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the sockets (``linger_ms`` lets queued replies leave) and the store."""
+        if self._writer is not None:
+            self._writer.stop(_STOP_TIMEOUT_S)
+            self._writer = None
         for sock in (self._router, self._xpub):
             if sock is not None:
-                sock.close(linger=0)
+                sock.close(linger=linger_ms)
         self._router = self._xpub = None
 
-    def run(self, should_stop) -> None:
-        """Serve until ``should_stop()`` is true (checked at least every 100 ms)."""
+    def run(self, should_stop) -> bool:
+        """Serve until ``should_stop()`` is true (checked at least every 100 ms), then
+        drain: answer what is already queued and flush the store.
+
+        Returns False when the store failed (the worker stopped at once: what was not
+        committed was not acknowledged) or could not be flushed in time."""
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._xpub, zmq.POLLIN)
+        notify = self._writer.notify_socket if self._writer is not None else None
+        if notify is not None:
+            poller.register(notify, zmq.POLLIN)
         next_expiry = self._clock() + _EXPIRE_EVERY_S
-        while not should_stop():
-            ready = dict(poller.poll(_POLL_MS))
-            if self._router in ready:
-                self._drain_requests()
-            if self._xpub in ready:
-                self._drain_subscriptions()
-            now = self._clock()
-            if now >= next_expiry:
-                expired = self.channels.expire(now)
-                self.counters.expired_channels += len(expired)
-                if expired:
-                    log.debug("expired %d channels", len(expired))
-                next_expiry = now + _EXPIRE_EVERY_S
+        try:
+            while not should_stop():
+                ready = dict(poller.poll(_POLL_MS))
+                if notify is not None and notify in ready:
+                    self._flush_outbox()
+                if self._router in ready:
+                    self._drain_requests()
+                if self._xpub in ready:
+                    self._drain_subscriptions()
+                now = self._clock()
+                if now >= next_expiry:
+                    self._expire(now)
+                    next_expiry = now + _EXPIRE_EVERY_S
+                self._submit()
+            return self._drain()
+        except StoreError as exc:
+            log.critical("worker %s stops: %s", self.me.id, exc)
+            self._outbox.clear()
+            return False
 
-    def _drain_requests(self) -> None:
+    def _drain(self) -> bool:
+        """Answer every request already queued, flush the store, send what waited for it."""
+        for _ in range(1000):
+            if not self._drain_requests():
+                break
+            self._submit()
+        self._submit()
+        if self._writer is None:
+            return True
+        flushed = self._writer.stop(_STOP_TIMEOUT_S)
+        if flushed:
+            self._flush_outbox()
+        else:
+            log.error("worker %s: the store was not flushed; unacknowledged requests dropped",
+                      self.me.id)
+        self._writer = None
+        return flushed
+
+    # -- storage and the outbox --------------------------------------------------
+
+    def _record(self, op) -> None:
+        if self._writer is not None:
+            self._ops.append(op)
+
+    def _submit(self) -> None:
+        """Hand this turn's operations to the writer as one batch."""
+        if self._ops:
+            ops, self._ops = self._ops, []
+            self._writer.submit(ops)
+
+    def _visible_ticket(self) -> int:
+        """The batch that must be committed before what the worker says now may leave."""
+        writer = self._writer
+        return writer.last_ticket + 1 if self._ops else writer.last_ticket
+
+    def _send(self, sock, frames) -> None:
+        """Send now, or (sync mode) once the state these frames reveal is on disk."""
+        if self._gated:
+            ticket = self._visible_ticket()
+            if self._outbox or ticket > self._writer.committed_ticket:
+                self._outbox.append((ticket, sock, frames))
+                return
+        sock.send_multipart(frames)
+
+    def _flush_outbox(self) -> None:
+        committed = self._writer.committed() if self._writer is not None else 0
+        outbox = self._outbox
+        while outbox and (self._writer is None or outbox[0][0] <= committed):
+            _, sock, frames = outbox.popleft()
+            sock.send_multipart(frames)
+
+    def _expire(self, now: float) -> None:
+        expired = self.channels.expire(now)
+        self.counters.expired_channels += len(expired)
+        for name in expired:
+            self._record(DeleteOp(name))
+        if expired:
+            log.debug("expired %d channels", len(expired))
+        cutoff = now - self.storage.publish_id_window_s
+        ids = self._publish_ids
+        pruned = 0
+        while ids:
+            oldest = next(iter(ids.values()))
+            if oldest.at >= cutoff and len(ids) <= _MAX_PUBLISH_IDS:
+                break
+            ids.popitem(last=False)
+            pruned += 1
+        if pruned:
+            self._record(PruneOp(cutoff))
+
+    def _drain_requests(self) -> bool:
+        """Handle up to a batch of queued requests; False when none was waiting."""
         router = self._router
-        for _ in range(_BATCH):
+        for i in range(_BATCH):
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return i > 0
             if len(frames) < 2:
                 self._reject(f"request of {len(frames)} frame(s) has no body")
                 continue
             reply = self.handle_request(frames[-1])
-            router.send_multipart(frames[:-1] + [reply])
+            self._send(router, frames[:-1] + [reply])
+        return True
 
     def _drain_subscriptions(self) -> None:
         xpub = self._xpub
@@ -151,7 +333,7 @@ class Worker:
         ttl = None
         if channel.expires_at is not None:
             ttl = max(0, math.ceil(channel.expires_at - self._clock()))
-        self._xpub.send_multipart(protocol.encode_message(protocol.PubMessage(
+        self._send(self._xpub, protocol.encode_message(protocol.PubMessage(
             channel.name, message.seq, channel.epoch, message.data, ttl)))
 
     # -- requests --------------------------------------------------------------
@@ -174,7 +356,8 @@ class Worker:
         try:
             return self._dispatch(request)
         except protocol.ProtocolError as exc:
-            self._reject(str(exc))
+            if exc.code not in (protocol.DEADLINE, protocol.OVERLOADED):
+                self._reject(str(exc))
             return protocol.encode_error(request_id, exc.code, str(exc), self.ring.version)
         except Exception:
             log.exception("request %r failed", request.get("op"))
@@ -207,16 +390,51 @@ class Worker:
                 return protocol.encode_reply(request_id, seq=0, epoch=0, messages=[])
             since = request["since"]
             found = channel.after(since) if request.get("after") else channel.since(since)
-            limit = request.get("limit")
-            if limit is not None:
-                found = found[:limit]
+            found = self._fit_reply(found, request.get("limit"))
             return protocol.encode_reply(request_id, seq=channel.seq, epoch=channel.epoch,
                                          messages=[[m.seq, m.data] for m in found])
         # op == "delete"
-        return protocol.encode_reply(request_id, existed=self.channels.delete(name))
+        existed = self.channels.delete(name)
+        if existed:
+            self._record(DeleteOp(name))
+        return protocol.encode_reply(request_id, existed=existed)
+
+    def _fit_reply(self, found: list, limit) -> list:
+        """The oldest of ``found`` that fit ``limit`` and one message's worth of bytes.
+
+        A reply always carries at least one message; the receiver asks again after
+        the last one it got when the reply stops short of the channel's sequence.
+        """
+        budget = self.limits.max_message_bytes
+        used = 0
+        for count, message in enumerate(found[:limit] if limit else found):
+            used += len(message.data) + _PER_MESSAGE_OVERHEAD_BYTES
+            if used > budget and count > 0:
+                return found[:count]
+        return found[:limit] if limit else found
 
     def _publish(self, request, name: str, now: float) -> bytes:
         limits = self.limits
+        publish_id = request.get("publish_id")
+        if publish_id is not None:
+            seen = self._publish_ids.get(publish_id)
+            if seen is not None:
+                if seen.channel != name:
+                    raise protocol.ProtocolError(
+                        f"publish_id {publish_id!r} was used for another channel")
+                self.counters.duplicate_publishes += 1
+                return protocol.encode_reply(request["id"], seq=seen.seq, epoch=seen.epoch,
+                                             duplicate=True)
+        deadline_ms = request.get("deadline_ms")
+        if deadline_ms is not None and now * 1000.0 > deadline_ms:
+            self.counters.late_requests += 1
+            raise protocol.ProtocolError("the publish's deadline passed before the worker read it",
+                                         protocol.DEADLINE)
+        if (self._writer is not None
+                and self._writer.unflushed_ops + len(self._ops) >= self.storage.max_unflushed_ops):
+            self.counters.overloaded += 1
+            raise protocol.ProtocolError("the worker's store is behind; retry later",
+                                         protocol.OVERLOADED)
         data = request["data"]
         if len(data) > limits.max_message_bytes:
             raise protocol.ProtocolError(
@@ -229,6 +447,11 @@ class Worker:
         ttl_s = None if request.get("persist") else request.get("ttl", limits.default_ttl_s)
         channel, message = self.channels.publish(name, data, now, ttl_s, buffer_size)
         self.counters.published += 1
+        self._record(PublishOp(name, channel.epoch, message.seq, data, buffer_size,
+                               channel.expires_at, publish_id, now))
+        if publish_id is not None:
+            # A retry answered from here waits for the same commit as the first reply.
+            self._publish_ids[publish_id] = SeenPublish(name, message.seq, channel.epoch, now)
         self._publish_frames(channel, message)
         return protocol.encode_reply(request["id"], seq=message.seq, epoch=channel.epoch)
 
@@ -238,12 +461,21 @@ def main(argv=None) -> int:
                                      description="Run one channel worker of a firehose-zmq cluster.")
     parser.add_argument("--config", help="cluster config (TOML); default: the embedded local one")
     parser.add_argument("--id", required=True, help="this worker's id in the config")
+    parser.add_argument("--durability", choices=DURABILITY_MODES,
+                        help="override storage.durability (default: the config's, sync)")
+    parser.add_argument("--data-dir", help="override storage.data_dir (default: ./var)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
     try:
         config = load_config(args.config)
+        overrides = {}
+        if args.durability:
+            overrides["durability"] = args.durability
+        if args.data_dir:
+            overrides["data_dir"] = args.data_dir
+        config = replace(config, storage=check_storage(replace(config.storage, **overrides)))
         worker = Worker(config, args.id)
     except ConfigError as exc:
         log.error("%s", exc)
@@ -253,17 +485,27 @@ def main(argv=None) -> int:
         signal.signal(signum, lambda *_: stopping.append(True))
     try:
         worker.bind()
+        worker.open_store()
     except zmq.ZMQError as exc:
         log.error("worker %s cannot bind: %s", args.id, exc)
-        return 1
-    try:
-        worker.run(lambda: bool(stopping))
-    finally:
         worker.close()
+        return 1
+    except StoreError as exc:
+        log.error("worker %s: %s", args.id, exc)
+        worker.close()
+        return 1
+    worker.log_ready()
+    ok = False
+    try:
+        ok = worker.run(lambda: bool(stopping))
+    finally:
+        # A clean stop lingers so the last replies leave; a failed one does not.
+        worker.close(linger_ms=1000 if ok else 0)
         c = worker.counters
-        log.info("worker %s stopped: %d requests, %d published, %d rejected frames",
-                 args.id, c.requests, c.published, c.rejected_frames)
-    return 0
+        log.info("worker %s stopped%s: %d requests, %d published, %d duplicate publishes, "
+                 "%d rejected frames", args.id, "" if ok else " (store not flushed)",
+                 c.requests, c.published, c.duplicate_publishes, c.rejected_frames)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -84,13 +84,16 @@ class Process:
 
 
 class Cluster:
-    """Workers and one edge on free ports; ``url(path)`` addresses the edge."""
+    """Workers and one edge on free ports; ``url(path)`` addresses the edge, and
+    ``native_pub`` / ``native_router`` are its native ZeroMQ endpoints."""
 
     def __init__(self, tmp_path, worker_ids=("w1", "w2"), long_poll_timeout_s: float = 3.0,
-                 extra_config: str = ""):
+                 extra_config: str = "", durability: str = "sync", storage_config: str = ""):
         self.tmp_path = Path(tmp_path)
         self.worker_ids = list(worker_ids)
         self.http_port = free_port()
+        self.native_pub = f"tcp://127.0.0.1:{free_port()}"
+        self.native_router = f"tcp://127.0.0.1:{free_port()}"
         self.endpoints = {}
         lines = []
         for worker_id in self.worker_ids:
@@ -101,20 +104,26 @@ class Cluster:
                       f'router_connect = "tcp://127.0.0.1:{router}"',
                       f'pub_bind = "tcp://127.0.0.1:{pub}"',
                       f'pub_connect = "tcp://127.0.0.1:{pub}"', ""]
+        self.data_dir = self.tmp_path / "data"
         lines += ["[edge]", 'host = "127.0.0.1"', f"port = {self.http_port}",
-                  f"long_poll_timeout_s = {long_poll_timeout_s}", extra_config]
+                  f"long_poll_timeout_s = {long_poll_timeout_s}",
+                  f'native_pub_bind = "{self.native_pub}"',
+                  f'native_router_bind = "{self.native_router}"', extra_config, "",
+                  "[storage]", f'durability = "{durability}"', f'data_dir = "{self.data_dir}"',
+                  storage_config]
         self.config_path = self.tmp_path / "cluster.toml"
         self.config_path.write_text("\n".join(lines) + "\n")
         self.workers: dict = {}
         self.edge = None
+        self.extra_edges: list = []
         self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("PORT", "FIREHOSE_LONG_POLL_TIMEOUT")}
+                    if k not in ("PORT", "FIREHOSE_LONG_POLL_TIMEOUT", "FIREHOSE_DATA_DIR")}
 
     def start(self) -> "Cluster":
         try:
             for worker_id in self.worker_ids:
                 self.start_worker(worker_id)
-            self.start_edge()
+            self._start_primary_edge()
         except BaseException:
             self.stop()
             raise
@@ -123,10 +132,10 @@ class Cluster:
     def restart_edge(self) -> None:
         """Stop the edge (SIGTERM) and start a new one on the same port."""
         self.edge.stop()
-        self.start_edge()
+        self._start_primary_edge()
 
-    def start_edge(self) -> None:
-        """Start the edge and wait until it listens and sees every worker."""
+    def _start_primary_edge(self) -> None:
+        """Start the edge of ``http_port``; wait until it listens and sees every worker."""
         self.edge = Process("edge", [str(BIN / "firehose-edge"), "--config",
                                      str(self.config_path)], self.env)
         self.edge.wait_for("edge listening")
@@ -146,11 +155,26 @@ class Cluster:
         process.signal(signal.SIGKILL)
         process.popen.wait(10)
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.http_port}{path}"
+    def start_edge(self) -> tuple:
+        """Another edge of the same cluster on a port of its own; returns (process, port)."""
+        port = free_port()
+        config_path = self.tmp_path / f"edge-{port}.toml"
+        config_path.write_text(self.config_path.read_text()
+                               .replace(self.native_pub, f"tcp://127.0.0.1:{free_port()}")
+                               .replace(self.native_router, f"tcp://127.0.0.1:{free_port()}"))
+        process = Process(f"edge {port}", [str(BIN / "firehose-edge"), "--config",
+                                           str(config_path)], {**self.env, "PORT": str(port)})
+        self.extra_edges.append(process)
+        process.wait_for("edge listening")
+        for worker_id in self.worker_ids:
+            process.wait_for(f"worker {worker_id} up")
+        return process, port
+
+    def url(self, path: str, port=None) -> str:
+        return f"http://127.0.0.1:{port or self.http_port}{path}"
 
     def stop(self) -> None:
-        for process in [self.edge, *self.workers.values()]:
+        for process in [self.edge, *self.extra_edges, *self.workers.values()]:
             if process is not None:
                 process.stop()
 

@@ -80,3 +80,24 @@ def test_item_encodings_are_built_once():
     assert item.json_with_channel("/a") == b'{"channel":"/a","message":"x","last_sequence":4}'
     assert item.encoded(encoder) is item.encoded(encoder)
     assert item.encoded(encoder) == b"4:x" and built == [4]
+
+
+class _Pub:
+    def __init__(self, channel, seq, epoch, data):
+        self.channel, self.seq, self.epoch, self.data = channel, seq, epoch, data
+
+
+def test_on_ready_at_once_when_the_edge_knows_the_listener_is_caught_up():
+    """A listener at the head of a synced feed is ready without a fetch."""
+    async def go():
+        backend, calls = FakeBackend(), []
+        fanout = Fanout(backend, linger_s=5.0)
+        fanout.add(_listener(calls), 0)
+        backend.fetches[0].set_result({"seq": 0, "epoch": 1, "messages": []})
+        await _settle()
+        fanout.on_message(_Pub("/c", 1, 1, b"a"))
+        fanout.add(_listener(calls), 1)
+        return calls, len(backend.fetches)
+    calls, fetches = asyncio.run(go())
+    assert calls == [("ready",), ("items", [1]), ("ready",)]
+    assert fetches == 1

@@ -96,7 +96,7 @@ def wait_for_metric(cluster, channel, name, at_least, timeout_s=5.0):
 
 
 @pytest.mark.parametrize("query, reason", [
-    ("last_message_sequence=-1", b"The last_message_sequence parameter may not be less than zero"),
+    ("last_message_sequence=-1", None),
     ("last_message_sequence=abc", b"must be an integer"),
     ("last_message_sequence=1.5", b"must be an integer"),
 ])
@@ -104,7 +104,10 @@ def test_bad_sequence_is_400(cluster, query, reason):
     """A negative or non-integer last_message_sequence is a 400 with a reason."""
     r = request(cluster.url(f"{fresh()}?{query}"))
     assert r.status == 400
-    assert reason in r.body
+    if reason is None:  # Firehose's exact text
+        assert r.body == b"The last_message_sequence parameter may not be less than zero"
+    else:
+        assert reason in r.body
 
 
 def test_empty_sequence_means_zero(cluster):

@@ -9,10 +9,10 @@ import time
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from .cluster import Cluster
+from .cluster import Cluster, channel_on
 from .http import async_request, request
-from .streamclient import (RawWebSocket, global_counter, ws_connect, ws_ping, ws_recv,
-                           ws_send)
+from .streamclient import (EventStreamReader, RawWebSocket, global_counter, ws_connect,
+                           ws_ping, ws_recv, ws_send)
 
 _names = itertools.count()
 
@@ -354,3 +354,36 @@ def test_dead_socket_is_closed_by_protocol_pings(tmp_path, run):
             await ws_ping(alive)  # Tornado's client answered every ping
             alive.close()
         run(go())
+
+
+def test_streams_are_dropped_when_their_owner_goes_down(fresh_cluster, run):
+    """When a channel's worker dies, its WebSockets are dropped uncleanly and its event
+    streams end, so that clients reconnect and resume; other channels are untouched."""
+    cluster = fresh_cluster
+    doomed = channel_on("w1", cluster.worker_ids, "/doomed")
+    healthy = channel_on("w2", cluster.worker_ids, "/healthy")
+
+    async def go():
+        single = await ws_connect(cluster, doomed)
+        await ws_send(single, {"message_sequence": 0})
+        await ws_ping(single)
+        multiplexed = await ws_connect(cluster, f"/channels@firehose?subscribe={doomed}!0,"
+                                                f"{healthy}!0")
+        await ws_ping(multiplexed)
+        other = await ws_connect(cluster, healthy)
+        await ws_send(other, {"message_sequence": 0})
+        await ws_ping(other)
+        stream = EventStreamReader(cluster.url(doomed))
+        assert stream.read_block() == ["retry: 2000"]
+        cluster.kill_worker("w1")
+        for ws in (single, multiplexed):
+            assert await asyncio.wait_for(ws.read_message(), 10) is None
+            assert ws.close_code is None  # no closing handshake: clients reconnect
+        with pytest.raises(EOFError):
+            while True:
+                stream.read_block()
+        stream.close()
+        await publish(cluster, healthy, "still here")
+        assert await ws_recv(other) == {"message": "still here", "last_sequence": 1}
+        other.close()
+    run(go())

@@ -1,0 +1,227 @@
+"""The edge's native ZeroMQ endpoints (PROTOCOL.md §10; docs/native-zeromq.md).
+
+Links (the two native endpoints bind, native clients connect; the XSUB
+connects to every worker's XPUB, apart from the edge's own SUB so that the
+HTTP fan-out and the native subscribers never share subscriptions)::
+
+    native client SUB             edge                       workers
+                        XPUB native_pub_bind   XSUB
+      [topic, message] <------------------- <------------- [topic, message]
+      [0x01 + topic]   -------------------> -------------> [0x01 + topic]
+      [0x00 + topic]   -------------------> -------------> [0x00 + topic]
+
+    native client DEALER / REQ   ROUTER native_router_bind     backend DEALERs
+      [request]        ------> [identity, request] ---------> owning worker
+      [reply]          <------ [identity, reply]   <---------
+      (a REQ adds an empty delimiter: [identity, b"", request])
+
+``topic`` is ``channel + b"\\x00"``; ``message`` and the request/reply bodies
+are the msgpack maps of ``protocol``. The XPUB is verbose: every subscription
+travels to the owning worker, whose last-value cache then re-sends the
+channel's newest message, so a new native subscriber cannot miss a message
+published while its subscription was on its way (existing subscribers of that
+channel see that message again; sequences tell them it is a duplicate).
+
+Requests are decoded and checked here, routed by the ring through the edge's
+``Backend`` (same deadlines and liveness as HTTP), and answered with the
+worker's reply under the client's own request id. A frame that breaks the
+format gets an error reply when it came on the ROUTER (which always knows the
+sender) and is counted and dropped when it came on the XPUB.
+"""
+
+import logging
+
+import zmq
+
+from . import protocol
+from .backend import BackendError, RequestRejected, SocketReader
+from .httpwire import HttpError, is_reserved, validate_channel
+
+log = logging.getLogger("firehose.native")
+
+# A request frame this many times the message limit is not even read: ZeroMQ
+# drops the connection (ZMQ_MAXMSGSIZE). Smaller oversized frames get a
+# ``too_large`` reply.
+_MAXMSGSIZE_FACTOR = 4
+_MAX_IN_FLIGHT = 10000
+
+
+class NativeCounters:
+    """What the native endpoints count."""
+
+    def __init__(self):
+        self.forwarded = 0
+        self.subscriptions = 0
+        self.requests = 0
+        self.rejected_frames = 0
+
+
+class NativeEndpoints:
+    """The native subscribe (XPUB) and request (ROUTER) endpoints of one edge."""
+
+    def __init__(self, config, backend, context=None):
+        self.config = config
+        self.backend = backend
+        self.counters = NativeCounters()
+        self._context = context or zmq.Context.instance()
+        self._max_bytes = config.limits.max_message_bytes
+        self._in_flight = 0
+        self._xpub = self._xsub = self._router = None
+        self._readers = []
+
+    @property
+    def pub_endpoint(self) -> str:
+        return self.config.edge.native_pub_bind
+
+    @property
+    def router_endpoint(self) -> str:
+        return self.config.edge.native_router_bind
+
+    def start(self, loop) -> None:
+        """Bind both endpoints and connect to the workers; raises OSError if a bind fails."""
+        edge = self.config.edge
+        try:
+            self._xpub = self._socket(zmq.XPUB)
+            self._xpub.setsockopt(zmq.SNDHWM, edge.native_send_hwm)
+            self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+            self._xpub.bind(edge.native_pub_bind)
+            self._router = self._socket(zmq.ROUTER)
+            self._router.setsockopt(zmq.RCVHWM, 10000)
+            self._router.setsockopt(zmq.SNDHWM, 10000)
+            self._router.setsockopt(zmq.MAXMSGSIZE, _MAXMSGSIZE_FACTOR * self._max_bytes)
+            self._router.bind(edge.native_router_bind)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise OSError(f"cannot bind the native ZeroMQ endpoints: {exc}") from None
+        self._xsub = self._socket(zmq.XSUB)
+        self._xsub.setsockopt(zmq.RCVHWM, 200000)
+        self._xsub.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._xsub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        for worker in self.config.workers:
+            self._xsub.connect(worker.pub_connect)
+        self._xpub_reader = SocketReader(loop, self._xpub, self._on_subscription)
+        self._xsub_reader = SocketReader(loop, self._xsub, self._on_worker_message)
+        self._router_reader = SocketReader(loop, self._router, self._on_request)
+        self._readers = [self._xpub_reader, self._xsub_reader, self._router_reader]
+        log.info("native ZeroMQ: subscribe on %s, requests on %s",
+                 edge.native_pub_bind, edge.native_router_bind)
+
+    def _socket(self, kind):
+        sock = self._context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+        self._readers = []
+        for sock in (self._xpub, self._xsub, self._router):
+            if sock is not None:
+                sock.close(linger=0)
+        self._xpub = self._xsub = self._router = None
+        c = self.counters
+        log.info("native ZeroMQ closed: %d messages forwarded, %d subscriptions, %d requests, "
+                 "%d rejected frames", c.forwarded, c.subscriptions, c.requests,
+                 c.rejected_frames)
+
+    def _reject(self, reason: str) -> None:
+        self.counters.rejected_frames += 1
+        count = self.counters.rejected_frames
+        if count <= 10 or count % 1000 == 0:
+            log.warning("native: rejected frame (%d so far): %s", count, reason)
+
+    # -- subscribe endpoint -----------------------------------------------------
+
+    def _on_worker_message(self, frames) -> None:
+        """A worker's message: forward it as is (the XPUB drops at a subscriber's HWM)."""
+        self.counters.forwarded += 1
+        self._xpub.send_multipart(frames, zmq.NOBLOCK)
+        self._xpub_reader.soon()
+
+    def _on_subscription(self, frames) -> None:
+        """A native subscriber's (un)subscription: forward it towards the workers."""
+        if len(frames) != 1 or frames[0][:1] not in (b"\x00", b"\x01"):
+            self._reject(f"subscribe endpoint got a {len(frames)}-frame message that is not a "
+                         "subscription")
+            return
+        self.counters.subscriptions += 1
+        self._xsub.send(frames[0], zmq.NOBLOCK)
+        self._xsub_reader.soon()
+
+    # -- request endpoint -------------------------------------------------------
+
+    def _on_request(self, frames) -> None:
+        """``[identity, body]`` (DEALER) or ``[identity, b"", body]`` (REQ)."""
+        self.counters.requests += 1
+        if len(frames) == 2:
+            envelope, body = frames[:1], frames[1]
+        elif len(frames) == 3 and frames[1] == b"":
+            envelope, body = frames[:2], frames[2]
+        else:
+            envelope = frames[:2] if len(frames) > 1 and frames[1] == b"" else frames[:1]
+            self._reply_error(envelope, None, protocol.ProtocolError(
+                f"a request is one frame (two with a REQ socket's empty delimiter), "
+                f"not {len(frames) - 1}"))
+            return
+        try:
+            request = protocol.decode_request(body, self._max_bytes)
+            if request["op"] != "ping":
+                self._check_channel(request)
+        except protocol.ProtocolError as exc:
+            self._reply_error(envelope, exc.request_id, exc)
+            return
+        request_id = request["id"]
+        if request["op"] == "ping":
+            self._send(envelope, protocol.encode_reply(
+                request_id, ring=self.backend.ring.version, workers=self.backend.workers_up()))
+            return
+        if self._in_flight >= _MAX_IN_FLIGHT:
+            self._send(envelope, protocol.encode_error(
+                request_id, protocol.UNAVAILABLE,
+                f"the edge has {_MAX_IN_FLIGHT} native requests in flight; retry later",
+                self.backend.ring.version))
+            return
+        forwarded = {k: v for k, v in request.items() if k not in ("v", "id")}
+        self._in_flight += 1
+        future = self.backend.call(self.backend.owner(request["channel"]), forwarded)
+        future.add_done_callback(lambda f: self._on_reply(envelope, request_id, f))
+
+    def _check_channel(self, request) -> None:
+        try:
+            name = validate_channel(request["channel"])
+        except HttpError as exc:
+            raise protocol.ProtocolError(exc.reason, request_id=request["id"]) from None
+        if request["op"] in ("publish", "delete") and is_reserved(name):
+            raise protocol.ProtocolError("Channel names containing @firehose are reserved",
+                                         request_id=request["id"])
+
+    def _on_reply(self, envelope, request_id, future) -> None:
+        self._in_flight -= 1
+        if self._router is None:
+            if not future.cancelled():
+                future.exception()
+            return
+        ring = self.backend.ring.version
+        exc = future.exception()
+        if exc is None:
+            body = protocol.encode_reply(request_id, **protocol.reply_fields(future.result()))
+        elif isinstance(exc, RequestRejected):
+            body = protocol.encode_error(request_id, exc.code, str(exc), ring)
+        elif isinstance(exc, BackendError):
+            body = protocol.encode_error(request_id, protocol.UNAVAILABLE, str(exc), ring)
+        else:
+            log.error("native request failed", exc_info=exc)
+            body = protocol.encode_error(request_id, "internal", "internal error in the edge", ring)
+        self._send(envelope, body)
+
+    def _reply_error(self, envelope, request_id, exc: protocol.ProtocolError) -> None:
+        self._reject(str(exc))
+        self._send(envelope, protocol.encode_error(request_id, exc.code, str(exc),
+                                                   self.backend.ring.version))
+
+    def _send(self, envelope, body: bytes) -> None:
+        try:
+            self._router.send_multipart(envelope + [body], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the peer's queue is full; the client will time out
+            log.debug("native reply dropped: %s", exc)
+        self._router_reader.soon()

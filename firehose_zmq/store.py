@@ -1,0 +1,384 @@
+"""Durable channel state for a worker: one SQLite file (WAL), written by a thread of its own.
+
+Theory of operation
+-------------------
+The worker's loop stays the only owner of channel state in memory (``channel``).
+Every change it makes is also described as a small operation (``PublishOp``,
+``DeleteOp``, ``EpochOp``, ``PruneOp``); the loop collects the operations of one
+loop turn into a batch and hands the batch to ``StoreWriter.submit``, which
+returns the batch's *ticket* (1, 2, 3, ...). The writer thread takes every batch
+waiting at that moment, applies them in one transaction and commits (group
+commit), then tells the loop the highest ticket that is on disk by sending it
+on an inproc PAIR socket that the loop polls with its other sockets::
+
+    loop thread                               writer thread
+    submit(ops) -> ticket   --SimpleQueue-->  BEGIN; apply batches; COMMIT
+    PAIR (bind)             <--[ticket]-----  PAIR (connect)   8 bytes, big-endian
+                            <--[b""]--------  the store failed; the writer has stopped
+
+In ``sync`` mode the loop holds back every reply and every PUB message until
+the ticket that was current when it was produced is committed, so nothing a
+client can see (a 202, a sequence, a message) is ever lost by a crash. In
+``async`` mode the loop answers at once and the writer commits at most every
+``flush_interval_s``; a crash loses at most that interval's tail.
+
+Tables::
+
+    meta        (key, value)                 schema version; clean = 1 after a clean stop
+    channels    (name, epoch, seq, buffer_size, expires_at)   one row per live channel
+    messages    (name, seq, data)            the buffered messages, trimmed on publish
+    publish_ids (publish_id, name, epoch, seq, at)   recent publish ids, for retries
+
+The store never grows without bound: a publish trims its channel's messages to
+the buffer size, an expired or deleted channel loses its rows, and publish ids
+older than the retry window are pruned.
+"""
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from typing import NamedTuple, Optional
+
+import zmq
+
+log = logging.getLogger("firehose.store")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS channels (
+    name TEXT PRIMARY KEY, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+    buffer_size INTEGER NOT NULL, expires_at REAL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (
+    name TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (name, seq));
+CREATE TABLE IF NOT EXISTS publish_ids (
+    publish_id PRIMARY KEY, name TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+    at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS publish_ids_at ON publish_ids (at);
+"""
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written; the message says which file and why."""
+
+
+class PublishOp(NamedTuple):
+    """A message was sequenced: store it, the channel's new state, and its publish id."""
+
+    name: str
+    epoch: int
+    seq: int
+    data: bytes
+    buffer_size: int
+    expires_at: Optional[float]
+    publish_id: object  # str, bytes or None
+    at: float
+
+
+class DeleteOp(NamedTuple):
+    """A channel was deleted or expired: forget it and its messages."""
+
+    name: str
+
+
+class EpochOp(NamedTuple):
+    """A channel got a new epoch without a publish (after an unclean async restart)."""
+
+    name: str
+    epoch: int
+
+
+class PruneOp(NamedTuple):
+    """Forget publish ids recorded before ``before`` (wall-clock seconds)."""
+
+    before: float
+
+
+class StoredChannel(NamedTuple):
+    name: str
+    epoch: int
+    seq: int
+    buffer_size: int
+    expires_at: Optional[float]
+    messages: list  # [(seq, data)], oldest first
+
+
+class StoredPublishId(NamedTuple):
+    publish_id: object
+    name: str
+    epoch: int
+    seq: int
+    at: float
+
+
+class Snapshot(NamedTuple):
+    """What ``Store.load`` found: live channels, recent publish ids, and whether the
+    previous run stopped cleanly (everything it acknowledged was flushed)."""
+
+    channels: list
+    publish_ids: list
+    clean: bool
+    dropped_expired: int
+
+
+class Store:
+    """One worker's SQLite file. Not thread-safe: after ``StoreWriter.start`` only the
+    writer thread uses it."""
+
+    def __init__(self, path: str, synchronous: str = "FULL"):
+        self.path = path
+        try:
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.executescript(_SCHEMA)
+            version = self._meta("schema_version")
+            if version is None:
+                self._set_meta("schema_version", SCHEMA_VERSION)
+            elif version != SCHEMA_VERSION:
+                raise StoreError(f"{path} has schema version {version}; this is "
+                                 f"{SCHEMA_VERSION}")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from None
+
+    def _meta(self, key: str):
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _set_meta(self, key: str, value) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def load(self, now: float, publish_ids_since: float) -> Snapshot:
+        """Read back every channel still live at ``now`` (dropping expired ones from the
+        file) and the publish ids recorded since ``publish_ids_since``; marks the file
+        as in use (not clean) until ``close(clean=True)``."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            clean = self._meta("clean") != 0  # a new file (None) has nothing to lose
+            expired = [name for (name,) in db.execute(
+                "SELECT name FROM channels WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                (now,))]
+            for name in expired:
+                self._delete(name)
+            db.execute("DELETE FROM publish_ids WHERE at < ?", (publish_ids_since,))
+            rows = db.execute("SELECT name, epoch, seq, buffer_size, expires_at FROM channels "
+                              "ORDER BY name").fetchall()
+            messages: dict = {}
+            for name, seq, data in db.execute("SELECT name, seq, data FROM messages "
+                                              "ORDER BY name, seq"):
+                messages.setdefault(name, []).append((seq, data))
+            channels = [StoredChannel(name, epoch, seq, size, expires_at, messages.get(name, []))
+                        for name, epoch, seq, size, expires_at in rows]
+            ids = [StoredPublishId(*row) for row in db.execute(
+                "SELECT publish_id, name, epoch, seq, at FROM publish_ids ORDER BY at")]
+            self._set_meta("clean", 0)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.path}: {exc}") from None
+        return Snapshot(channels, ids, clean, len(expired))
+
+    def apply(self, batches) -> int:
+        """Apply every operation of ``batches`` (lists of ops) in one transaction and
+        commit; returns the number of operations. Raises sqlite3.Error (rolled back)."""
+        db = self._db
+        count = 0
+        db.execute("BEGIN")
+        try:
+            for ops in batches:
+                for op in ops:
+                    self._apply(op)
+                count += len(ops)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return count
+
+    def _apply(self, op) -> None:
+        db = self._db
+        if type(op) is PublishOp:
+            if op.seq == 1:  # a new incarnation: nothing of an older one survives
+                db.execute("DELETE FROM messages WHERE name = ?", (op.name,))
+            db.execute("INSERT OR REPLACE INTO channels (name, epoch, seq, buffer_size, expires_at)"
+                       " VALUES (?, ?, ?, ?, ?)",
+                       (op.name, op.epoch, op.seq, op.buffer_size, op.expires_at))
+            if op.buffer_size > 0:
+                db.execute("INSERT OR REPLACE INTO messages (name, seq, data) VALUES (?, ?, ?)",
+                           (op.name, op.seq, op.data))
+            if op.seq > op.buffer_size:
+                db.execute("DELETE FROM messages WHERE name = ? AND seq <= ?",
+                           (op.name, op.seq - op.buffer_size))
+            if op.publish_id is not None:
+                db.execute("INSERT OR REPLACE INTO publish_ids (publish_id, name, epoch, seq, at)"
+                           " VALUES (?, ?, ?, ?, ?)",
+                           (op.publish_id, op.name, op.epoch, op.seq, op.at))
+        elif type(op) is DeleteOp:
+            self._delete(op.name)
+        elif type(op) is EpochOp:
+            db.execute("UPDATE channels SET epoch = ? WHERE name = ?", (op.epoch, op.name))
+        elif type(op) is PruneOp:
+            db.execute("DELETE FROM publish_ids WHERE at < ?", (op.before,))
+        else:
+            raise TypeError(f"not a store operation: {op!r}")
+
+    def _delete(self, name: str) -> None:
+        self._db.execute("DELETE FROM messages WHERE name = ?", (name,))
+        self._db.execute("DELETE FROM channels WHERE name = ?", (name,))
+
+    def counts(self) -> dict:
+        """Row counts per table (for tests and logs)."""
+        return {table: self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in ("channels", "messages", "publish_ids")}
+
+    def close(self, clean: bool) -> None:
+        """Close the file; ``clean`` records that everything acknowledged is in it."""
+        try:
+            if clean:
+                self._set_meta("clean", 1)
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self._db.close()
+
+
+class StoreWriter:
+    """Commits the loop's batches on a thread of its own; see the module docstring.
+
+    ``submit``, ``committed`` and ``stop`` are called from the loop thread only;
+    ``notify_socket`` is the loop's end of the PAIR, to register with its poller.
+    ``flush_interval_s`` 0 commits as soon as a batch is waiting (sync mode).
+    """
+
+    _STOP = object()
+
+    def __init__(self, store: Store, context, flush_interval_s: float = 0.0):
+        self._store = store
+        self._context = context
+        self._flush_interval_s = flush_interval_s
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._address = f"inproc://firehose-store-{id(self):x}"
+        self.notify_socket = context.socket(zmq.PAIR)
+        self.notify_socket.setsockopt(zmq.LINGER, 0)
+        self.notify_socket.bind(self._address)
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._stopping = threading.Event()
+        self._last_ticket = 0
+        self._committed = 0
+        self._unflushed: list = []  # [(ticket, op count)] submitted, not yet committed
+        self.unflushed_ops = 0
+        self.failed = False
+        self.commits = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def last_ticket(self) -> int:
+        """The ticket of the newest submitted batch (0 before the first)."""
+        return self._last_ticket
+
+    @property
+    def committed_ticket(self) -> int:
+        return self._committed
+
+    def submit(self, ops: list) -> int:
+        """Queue a batch for the next commit; returns its ticket."""
+        self._last_ticket += 1
+        self._unflushed.append((self._last_ticket, len(ops)))
+        self.unflushed_ops += len(ops)
+        self._queue.put((self._last_ticket, ops))
+        return self._last_ticket
+
+    def committed(self) -> int:
+        """Read the writer's notices; returns the highest committed ticket.
+
+        Raises StoreError once the writer has failed (it commits nothing more)."""
+        while not self.notify_socket.closed:
+            try:
+                frame = self.notify_socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if not frame:
+                self.failed = True
+                break
+            self._committed = max(self._committed, int.from_bytes(frame, "big"))
+        unflushed = self._unflushed
+        done = 0
+        while done < len(unflushed) and unflushed[done][0] <= self._committed:
+            self.unflushed_ops -= unflushed[done][1]
+            done += 1
+        del unflushed[:done]
+        if self.failed:
+            raise StoreError(f"writing {self._store.path} failed; see the log")
+        return self._committed
+
+    def stop(self, timeout_s: float) -> bool:
+        """Commit what is queued, close the file and end the thread.
+
+        Returns True when every submitted batch was committed within ``timeout_s``
+        (the file is then marked clean). Calling it again returns the same answer."""
+        if self.notify_socket.closed:
+            return not self.failed and self._committed == self._last_ticket
+        self._stopping.set()
+        self._queue.put(self._STOP)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("the store writer did not finish within %.1f s", timeout_s)
+            return False
+        try:
+            self.committed()
+        except StoreError:
+            return False
+        finally:
+            self.notify_socket.close(linger=0)
+        return self._committed == self._last_ticket
+
+    def _run(self) -> None:
+        notify = self._context.socket(zmq.PAIR)
+        notify.setsockopt(zmq.LINGER, 0)
+        notify.connect(self._address)
+        store = self._store
+        stopping = False
+        clean = False
+        try:
+            while not stopping:
+                item = self._queue.get()
+                if item is self._STOP:
+                    clean = True
+                    break
+                batches = [item]
+                if self._flush_interval_s > 0:
+                    # async mode: let a flush interval's worth of batches gather
+                    self._stopping.wait(self._flush_interval_s)
+                while True:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is self._STOP:
+                        stopping = clean = True
+                        break
+                    batches.append(more)
+                started = time.monotonic()
+                store.apply(ops for _, ops in batches)
+                self.commits += 1
+                notify.send(batches[-1][0].to_bytes(8, "big"))
+                log.debug("committed %d batch(es) in %.1f ms", len(batches),
+                          1000 * (time.monotonic() - started))
+        except Exception:
+            clean = False
+            log.exception("the store writer failed; the worker cannot acknowledge more")
+            notify.send(b"")
+        finally:
+            try:
+                store.close(clean)
+            except sqlite3.Error:
+                log.exception("closing the store failed")
+            notify.close(linger=1000)  # let the last notice reach the loop

@@ -1,0 +1,108 @@
+"""The channel buffer rules (PROTOCOL.md §5), row by row, and expiry."""
+
+import pytest
+
+from firehose_zmq.channel import Channel, ChannelTable, Message, select_since
+
+
+def buffered(first, last):
+    return [Message(seq, f"m{seq}".encode()) for seq in range(first, last + 1)]
+
+
+# (case, S, buffered (first, last) or None, c, expected sequences) — PROTOCOL.md §5
+RULES = [
+    ("nothing buffered", 0, None, 0, []),
+    ("nothing buffered, sequence moved on (buffer 0)", 7, None, 3, []),
+    ("c <= 0: newest only", 5, (1, 5), 0, [5]),
+    ("c <= 0 with a trimmed buffer: newest only", 9, (7, 9), 0, [9]),
+    ("c >= S: caught up", 5, (1, 5), 5, []),
+    ("c >= S: ahead after a reset", 3, (1, 3), 50, []),
+    ("0 < S - c <= L: everything after c", 5, (1, 5), 2, [3, 4, 5]),
+    ("0 < S - c < L: the tail of the buffer", 5, (1, 5), 1, [2, 3, 4, 5]),
+    ("0 < S - c = L", 9, (7, 9), 6, [7, 8, 9]),
+    ("S - c = 1", 9, (7, 9), 8, [9]),
+    ("S - c > L: fell out, newest only", 9, (7, 9), 1, [9]),
+    ("S - c > L by one", 9, (7, 9), 5, [9]),
+]
+
+
+@pytest.mark.parametrize("case, seq, span, last_seq, expected", RULES, ids=[r[0] for r in RULES])
+def test_buffer_rules_table(case, seq, span, last_seq, expected):
+    """Each row of PROTOCOL.md §5 delivers exactly the listed messages, oldest first."""
+    messages = buffered(*span) if span else []
+    assert [m.seq for m in select_since(seq, messages, last_seq)] == expected
+
+
+def test_publish_numbers_messages_and_trims_buffer():
+    """Sequences count 1, 2, 3 and the buffer keeps only the newest K."""
+    channel = Channel("/a", epoch=1)
+    for i in range(1, 6):
+        assert channel.publish(f"m{i}".encode(), buffer_size=3, expires_at=None).seq == i
+    assert [m.seq for m in channel.buffer] == [3, 4, 5]
+    channel.publish(b"m6", buffer_size=1, expires_at=None)
+    assert [m.seq for m in channel.buffer] == [6]
+
+
+def test_buffer_size_zero_keeps_no_history_but_remembers_last():
+    """K = 0 keeps nothing to replay; the newest message stays known for the subscribe race."""
+    channel = Channel("/a", epoch=1)
+    channel.publish(b"x", buffer_size=0, expires_at=None)
+    assert channel.since(0) == []
+    assert channel.last == Message(1, b"x")
+
+
+def test_after_returns_every_buffered_message_above():
+    """after(seq) fills gaps: every buffered message with a larger sequence."""
+    channel = Channel("/a", epoch=1)
+    for i in range(5):
+        channel.publish(b"m", buffer_size=3, expires_at=None)
+    assert [m.seq for m in channel.after(0)] == [3, 4, 5]
+    assert [m.seq for m in channel.after(4)] == [5]
+
+
+def make_table():
+    epochs = iter(range(1, 1000))
+    return ChannelTable(lambda: next(epochs))
+
+
+def test_expired_channel_starts_again_at_one_with_a_newer_epoch():
+    """After its TTL a channel is gone; the next publish is sequence 1 of a larger epoch."""
+    table = make_table()
+    first, message = table.publish("/a", b"x", now=100.0, ttl_s=10, buffer_size=5)
+    assert message.seq == 1
+    table.publish("/a", b"y", now=105.0, ttl_s=10, buffer_size=5)
+    assert table.get("/a", now=114.9) is not None
+    assert table.get("/a", now=115.0) is None
+    second, message = table.publish("/a", b"z", now=116.0, ttl_s=10, buffer_size=5)
+    assert message.seq == 1
+    assert second.epoch > first.epoch
+
+
+def test_expire_frees_channels_and_skips_refreshed_ones():
+    """expire(now) drops only channels whose latest expiry passed."""
+    table = make_table()
+    table.publish("/old", b"x", now=0.0, ttl_s=5, buffer_size=5)
+    table.publish("/fresh", b"x", now=0.0, ttl_s=5, buffer_size=5)
+    table.publish("/fresh", b"x", now=4.0, ttl_s=5, buffer_size=5)
+    table.publish("/forever", b"x", now=0.0, ttl_s=None, buffer_size=5)
+    assert table.expire(6.0) == ["/old"]
+    assert len(table) == 2
+    assert table.expire(10.0) == ["/fresh"]
+    assert table.get("/forever", now=1e12) is not None
+
+
+def test_expiry_heap_does_not_grow_without_bound():
+    """Many publishes to one channel do not pile up expiry entries."""
+    table = make_table()
+    for i in range(20000):
+        table.publish("/hot", b"x", now=float(i), ttl_s=10**6, buffer_size=1)
+        table.expire(float(i))
+    assert len(table._expiry_heap) < 2000
+
+
+def test_delete_forgets_channel():
+    table = make_table()
+    table.publish("/a", b"x", now=0.0, ttl_s=None, buffer_size=5)
+    assert table.delete("/a") is True
+    assert table.delete("/a") is False
+    assert table.get("/a", now=0.0) is None

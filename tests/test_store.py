@@ -1,0 +1,162 @@
+"""The SQLite store and its writer thread, in-process, on a temporary file."""
+
+import time
+
+import pytest
+import zmq
+
+from firehose_zmq.channel import ChannelTable
+from firehose_zmq.store import (DeleteOp, EpochOp, PruneOp, PublishOp, Store, StoreError,
+                                StoreWriter)
+
+
+def pub(name, seq, data=b"x", epoch=7, buffer_size=100, expires_at=None, publish_id=None, at=0.0):
+    return PublishOp(name, epoch, seq, data, buffer_size, expires_at, publish_id, at)
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "sub" / "w1.sqlite3")
+
+
+def reopen(path, now=0.0, since=-1.0):
+    store = Store(path)
+    return store, store.load(now, since)
+
+
+def test_publishes_survive_reopen_with_seq_epoch_ttl_and_buffer(path):
+    """Messages, sequence, epoch, buffer size and expiry are read back after a reopen."""
+    store = Store(path)
+    store.load(0.0, 0.0)
+    store.apply([[pub("/a", 1, b"one", expires_at=500.0, buffer_size=2),
+                  pub("/a", 2, b"two", expires_at=500.0, buffer_size=2)],
+                 [pub("/a", 3, b"three", expires_at=600.0, buffer_size=2)]])
+    store.close(clean=False)
+    store, snapshot = reopen(path, now=100.0)
+    (channel,) = snapshot.channels
+    assert (channel.name, channel.epoch, channel.seq, channel.buffer_size, channel.expires_at) == \
+        ("/a", 7, 3, 2, 600.0)
+    assert channel.messages == [(2, b"two"), (3, b"three")]
+    assert snapshot.clean is False
+    store.close(clean=True)
+    assert reopen(path, now=100.0)[1].clean is True
+
+
+def test_trim_keeps_store_bounded(path):
+    """A channel never holds more stored messages than its buffer size."""
+    store = Store(path)
+    store.apply([[pub("/a", seq, buffer_size=5) for seq in range(1, 1001)]])
+    store.apply([[pub("/a", 1001, buffer_size=1)]])
+    assert store.counts()["messages"] == 1
+    store.apply([[pub("/b", 1, buffer_size=0)]])
+    assert store.counts() == {"channels": 2, "messages": 1, "publish_ids": 0}
+
+
+def test_new_incarnation_drops_old_messages(path):
+    """A publish with seq 1 (the channel started over) forgets the older incarnation."""
+    store = Store(path)
+    store.apply([[pub("/a", 1, b"old"), pub("/a", 2, b"old2"), pub("/a", 1, b"new", epoch=9)]])
+    store.close(clean=True)
+    (channel,) = reopen(path)[1].channels
+    assert (channel.epoch, channel.seq, channel.messages) == (9, 1, [(1, b"new")])
+
+
+def test_delete_expiry_and_prune(path):
+    """Deleted channels, channels expired by load time and old publish ids leave the file."""
+    store = Store(path)
+    store.apply([[pub("/gone", 1), pub("/old", 1, expires_at=50.0), pub("/kept", 1),
+                  pub("/kept", 2, publish_id="p-old", at=10.0),
+                  pub("/kept", 3, publish_id="p-new", at=90.0)],
+                 [DeleteOp("/gone"), PruneOp(20.0), EpochOp("/kept", 11)]])
+    store.close(clean=True)
+    store, snapshot = reopen(path, now=100.0, since=0.0)
+    assert [c.name for c in snapshot.channels] == ["/kept"]
+    assert snapshot.channels[0].epoch == 11
+    assert snapshot.dropped_expired == 1
+    assert [(p.publish_id, p.seq) for p in snapshot.publish_ids] == [("p-new", 3)]
+    assert store.counts() == {"channels": 1, "messages": 3, "publish_ids": 1}
+
+
+def test_failed_batch_is_rolled_back(path):
+    """A batch that fails leaves nothing of itself behind."""
+    store = Store(path)
+    with pytest.raises(TypeError):
+        store.apply([[pub("/a", 1), "not an op"]])
+    assert store.counts()["channels"] == 0
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    """A file that is not SQLite gives StoreError naming the file."""
+    bad = tmp_path / "bad.sqlite3"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="bad.sqlite3"):
+        Store(str(bad))
+
+
+def test_restore_rebuilds_the_table():
+    """A restored channel answers the buffer rules and continues its sequence."""
+    table = ChannelTable(lambda: 99)
+    table.restore("/a", 7, 5, [(4, b"d"), (5, b"e")], None, 100)
+    channel = table.get("/a", 0.0)
+    assert [m.seq for m in channel.since(3)] == [4, 5]
+    _, message = table.publish("/a", b"f", 0.0, None, 100)
+    assert (message.seq, channel.epoch) == (6, 7)
+    with pytest.raises(ValueError):
+        table.restore("/b", 7, 5, [(2, b"x"), (4, b"y")], None, 100)
+
+
+def test_expired_channel_stays_until_expire_reports_it():
+    """An expired channel reads as gone but is dropped (and reported) only by expire()."""
+    table = ChannelTable(lambda: 1)
+    table.publish("/a", b"x", 0.0, 10.0, 100)
+    assert table.get("/a", 20.0) is None
+    assert table.expire(20.0) == ["/a"]
+    assert len(table) == 0
+
+
+def wait_committed(writer, ticket, timeout_s=5.0):
+    poller = zmq.Poller()
+    poller.register(writer.notify_socket, zmq.POLLIN)
+    deadline = time.monotonic() + timeout_s
+    while writer.committed() < ticket:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"ticket {ticket} not committed in {timeout_s} s"
+        poller.poll(remaining * 1000)
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 0.05])
+def test_writer_commits_batches_and_notifies(path, interval_s):
+    """The writer commits submitted batches together and reports the newest ticket."""
+    context = zmq.Context()
+    try:
+        store = Store(path)
+        writer = StoreWriter(store, context, interval_s)
+        writer.start()
+        tickets = [writer.submit([pub("/a", seq)]) for seq in range(1, 51)]
+        assert tickets == list(range(1, 51))
+        wait_committed(writer, 50)
+        assert writer.unflushed_ops == 0
+        assert writer.commits <= 50
+        assert writer.stop(5.0) is True
+        snapshot = reopen(path)[1]
+        assert [c.seq for c in snapshot.channels] == [50]
+        assert snapshot.clean is True
+    finally:
+        context.term()
+
+
+def test_writer_failure_is_reported(path):
+    """A batch the store cannot apply stops the writer and is reported to the loop."""
+    context = zmq.Context()
+    try:
+        writer = StoreWriter(Store(path), context)
+        writer.start()
+        writer.submit(["not an op"])
+        poller = zmq.Poller()
+        poller.register(writer.notify_socket, zmq.POLLIN)
+        assert poller.poll(5000)
+        with pytest.raises(StoreError):
+            writer.committed()
+        assert writer.stop(5.0) is False
+    finally:
+        context.term()

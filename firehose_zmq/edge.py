@@ -3,7 +3,9 @@
 The edge keeps no channel state of its own: every publish and every fetch goes to
 the owning worker over ``backend``; waiting subscribers sit in ``fanout``, which
 is fed from the workers' message streams. Handlers get the ``Edge`` injected;
-``make_app(edge)`` builds the Tornado application.
+``make_app(edge)`` builds the Tornado application. WebSockets and event streams
+(§6-7) live in ``streams``: its rules route upgrades, and the GET handlers here
+hand ``Accept: text/event-stream`` requests to it.
 """
 
 import argparse

@@ -162,7 +162,7 @@ class _Socket(tornado.websocket.WebSocketHandler):
                 self.set_header("Content-Type", "application/json")
                 return self.finish(streamwire.subscription_failed_frame(exc.reason))
             self.set_header("Content-Type", "text/plain; charset=utf-8")
-            return self.finish(exc.reason.replace("\n", " ") + "\n")
+            return self.finish(exc.reason.replace("\n", " "))
         await super().get(*args, **kwargs)
 
     def url_subscriptions(self):

@@ -167,7 +167,7 @@ class Runner:
                 self.active.clear()
             result["rss_kb_after"] = lpbench.mem_kb(server.pids())["rss_kb"]
             result["server_processes"] = len(server.pids())
-            return {"figures": scenarios.figures(row.kind, result), "result": result}
+            return {"figures": scenarios.figures(row.kind, result, row.metric), "result": result}
 
     def run(self, doc: dict, progress: Progress) -> None:
         """Fill ``doc["scenarios"]`` row by row (so a partial run is still reportable)."""

@@ -84,7 +84,7 @@ class ManagedServer:
     proto = "?"
 
     def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).resolve()  # nginx -p resolves relative paths twice
         self.port = free_port()
         self.process = None
         self.known_pids: dict = {}  # pid -> start time, every server process seen

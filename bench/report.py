@@ -149,6 +149,7 @@ def chart(doc: dict, path) -> str:
         ax.invert_yaxis()
         ax.set_xlabel(label)
         ax.grid(axis="x", alpha=0.3)
+    axes[0].set_xscale("symlog", linthresh=100)
     axes[1].set_xscale("symlog", linthresh=1)
     axes[1].set_yticklabels([])
     axes[0].legend(loc="lower right")

@@ -13,7 +13,7 @@ SIGTERM.
 Exit code: 0 when every firehose-zmq run completed with nothing lost, duplicated or
 failed; 1 otherwise; 2 when the harness could not run at all; 130 on Ctrl-C.
 Environment defaults for the options: BENCH_QUICK=1, BENCH_REPEATS, BENCH_DURATION,
-BENCH_ONLY, BENCH_SERVERS, BENCH_OUT.
+BENCH_ONLY, BENCH_SERVERS, BENCH_OUT, BENCH_PROFILE=1.
 """
 
 import argparse
@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,6 +116,85 @@ class LpbenchRun:
             pass
 
 
+class Profiler:
+    """py-spy recording every firehose-zmq server process during one run (--profile).
+
+    Writes per process ``profile-<name>.txt`` (collapsed stacks, one "frame;frame;... count"
+    line per stack, readable by speedscope and flamegraph.pl) and ``profile-<name>-top.txt``
+    (the functions with the most samples, self and inclusive) into ``out_dir``. Sampling
+    is non-blocking, but it costs the machine CPU, so a profiled run's figures are a
+    little worse."""
+
+    def __init__(self, pids: list, names: dict, out_dir: Path, duration_s: float):
+        self.runs = []
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not os.path.exists(py_spy):
+            raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
+        self.outputs = []
+        for pid in pids:
+            raw = out_dir / f"profile-{names.get(pid, pid)}.txt"
+            self.outputs.append(raw)
+            argv = [py_spy, "record", "--pid", str(pid), "--nonblocking", "--duration",
+                    f"{duration_s:.0f}", "--format", "raw", "--output", str(raw)]
+            log = open(out_dir / "py-spy.log", "a")
+            self.runs.append(subprocess.Popen(argv, stdout=log, stderr=log,
+                                              stdin=subprocess.DEVNULL, start_new_session=True))
+            log.close()
+
+    def stop(self) -> None:
+        """Let py-spy write its output (SIGINT), bounded; then make sure it is gone."""
+        for run in self.runs:
+            if run.poll() is None:
+                run.send_signal(signal.SIGINT)
+        for run in self.runs:
+            try:
+                run.wait(15)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                run.wait(5)
+        for raw in self.outputs:
+            if raw.exists():
+                raw.with_name(raw.stem + "-top.txt").write_text(top_functions(raw.read_text()))
+
+
+def top_functions(collapsed: str, limit: int = 30) -> str:
+    """The functions with the most samples in py-spy's collapsed stacks, self and inclusive."""
+    own, inclusive, total = {}, {}, 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        # "func (file.py:123)" -> "func (file.py)": a function's lines count together
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    lines = [f"{total} samples"]
+    for title, table in (("self", own), ("inclusive", inclusive)):
+        lines.append(f"\n-- {title}: % of samples, function (file)")
+        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:limit]:
+            lines.append(f"{100 * n / max(1, total):6.1f}%  {frame}")
+    return "\n".join(lines) + "\n"
+
+
+def process_names(pids: list) -> dict:
+    """pid -> a short name from its command line (edge, worker-w1, ...)."""
+    names = {}
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        text = " ".join(argv)
+        if "--id" in argv:
+            names[pid] = f"worker-{argv[argv.index('--id') + 1]}"
+        elif "edge" in text:
+            names[pid] = f"edge-{pid}"
+    return names
+
+
 class Runner:
     """Runs the plan: every scenario x repeat x server, each on a fresh server."""
 
@@ -152,7 +232,11 @@ class Runner:
                     return {"not_available": why}
             timeout_s = row.duration_s + SETUP_ALLOWANCE_S
             hot = None
+            profiler = None
             try:
+                if self.options.profile and server.proto == "firehose":
+                    pids = server.pids()
+                    profiler = Profiler(pids, process_names(pids), run_dir, timeout_s)
                 if row.hot_args:
                     hot = self.lpbench(row, "publish", row.hot_args, server.proto, server, timeout_s)
                     time.sleep(HOT_LEAD_S)
@@ -162,6 +246,8 @@ class Runner:
                 if hot is not None:
                     result["hot"] = hot.result()
             finally:
+                if profiler is not None:
+                    profiler.stop()
                 for run in self.active:
                     run.kill()
                 self.active.clear()
@@ -224,6 +310,9 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=2, help="firehose-zmq workers (make run: 2)")
     p.add_argument("--nchan-workers", type=int, default=1, help="nginx worker processes")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
+    p.add_argument("--profile", action="store_true", default=env.get("BENCH_PROFILE", "") not in ("", "0"),
+                   help="py-spy flame graphs of every firehose-zmq process per run, in the run's"
+                        " log directory (BENCH_PROFILE=1; needs py-spy)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     options = p.parse_args(argv)
     if options.repeats is None:

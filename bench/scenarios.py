@@ -141,8 +141,11 @@ def _figures(kind: str, result: dict) -> dict:
     if kind == "idle":
         idle_mem = result.get("mem_idle_kb") or {}
         return {"ops_per_s": None, "cpu_us_per_op": None, "p50_ms": None, "p99_ms": None,
-                "rss_kb": idle_mem.get("rss_kb"), "lost": result.get("connected", 0) - result.get(
-                    "held_verified", 0), "dup": 0, "errors": result.get("sub_errors", 0),
+                "rss_kb": idle_mem.get("rss_kb"),
+                # a held poll that never got its verification message counts as lost
+                "lost": result.get("connected", 0) - result.get("held_verified", 0), "dup": 0,
+                "errors": result.get("sub_errors", 0) + result.get("conns", 0) - result.get(
+                    "connected", 0),
                 "bytes_per_conn": result.get("rss_bytes_per_conn")}
     errors = result.get("sub_errors", 0) + result.get("pub_errors", 0) + result.get("bad_bodies", 0)
     if not result.get("drained", True) or not result.get("warmup_ok", True):

@@ -219,27 +219,44 @@ class FirehoseServer(ManagedServer):
         """Probe the WebSocket ("ws") or SSE ("sse") endpoint -> (bool, reason).
 
         A message is published first so that a server without the endpoint answers the
-        probe at once as a long-poll instead of holding it."""
+        probe at once as a long-poll instead of holding it. Only the response head is
+        read: a stream that works stays open."""
         channel = f"/bench-probe/{transport}"
-        http("PUT", self.url + channel, b"probe")
         try:
+            http("PUT", self.url + channel, b"probe")
             if transport == "sse":
-                status, headers, _ = http("GET", self.url + channel,
-                                          headers={"Accept": "text/event-stream"}, timeout_s=2)
-                kind = headers.get("Content-Type", "")
+                status, headers = self._probe_head(
+                    b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+                    % channel.encode())
+                kind = headers.get("content-type", "")
                 if status == 200 and kind.startswith("text/event-stream"):
                     return True, "ok"
                 return False, f"event-stream GET answered {status} {kind.split(';')[0] or '-'}"
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                s.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                          b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
-                          b"Sec-WebSocket-Version: 13\r\n\r\n" % (channel.encode(), lpbench.WS_KEY))
-                head = s.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
-            if head.startswith("HTTP/1.1 101"):
+            status, _ = self._probe_head(
+                b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n" % (channel.encode(), lpbench.WS_KEY))
+            if status == 101:
                 return True, "ok"
-            return False, f"WebSocket upgrade answered {head[9:12] or 'nothing'}"
+            return False, f"WebSocket upgrade answered {status}"
         except (OSError, ValueError) as exc:
             return False, f"probe failed: {exc}"
+
+    def _probe_head(self, request: bytes, timeout_s: float = 3.0) -> tuple:
+        """Send ``request`` on a new connection -> (status, {lower-case header: value})."""
+        deadline = time.monotonic() + timeout_s
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s) as s:
+            s.sendall(request)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        status, raw = lpbench.parse_head(data.split(b"\r\n\r\n", 1)[0])
+        return status, {k.decode(errors="replace"): v.decode(errors="replace")
+                        for k, v in raw.items()}
 
 
 class NchanServer(ManagedServer):

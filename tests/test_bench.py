@@ -60,3 +60,76 @@ def test_quick_bench_writes_every_figure_and_loses_nothing(tmp_path):
     status = ws["status"]["firehose-zmq"]
     assert status == "ok" or status.startswith("not available:")
     assert "a) publish" in done.stdout and "ratio" in done.stdout
+
+
+def _stream_server(answer_for):
+    """A loopback server answering each request's head with ``answer_for(head)`` and
+    then holding the connection open (as a working stream does); returns (port, stop)."""
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    held, stopping = [], threading.Event()
+
+    def serve():
+        while not stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            head = b""
+            conn.settimeout(2)
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+            conn.sendall(answer_for(head))
+            held.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stop():
+        stopping.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+    return listener.getsockname()[1], stop
+
+
+def test_stream_probe_accepts_a_held_stream_and_refuses_a_long_poll(tmp_path):
+    """The WS/SSE probe reads only the response head: an open stream counts as available."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from servers import FirehoseServer
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+    def streams(head):
+        if head.startswith(b"PUT"):
+            return b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+        if b"Upgrade: websocket" in head:
+            return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
+        return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n: hello\n\n"
+
+    def long_poll(head):
+        if head.startswith(b"PUT"):
+            return b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+        body = b'{"message":"probe","last_sequence":1}'
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                % len(body)) + body
+
+    for answer, expected in ((streams, True), (long_poll, False)):
+        port, stop = _stream_server(answer)
+        try:
+            server = FirehoseServer(tmp_path)
+            server.port = port
+            for transport in ("ws", "sse"):
+                ok, why = server.supports(transport)
+                assert ok is expected, (transport, why)
+        finally:
+            stop()

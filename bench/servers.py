@@ -23,10 +23,15 @@ HERE = Path(__file__).resolve().parent
 NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
+START_ATTEMPTS = 3
 
 
 class ServerError(RuntimeError):
     """A server could not be started or answered wrongly; the message says why."""
+
+
+class PortTaken(ServerError):
+    """A port chosen as free was taken before the server bound it."""
 
 
 def free_port() -> int:
@@ -89,6 +94,7 @@ class ManagedServer:
         self.process = None
         self.known_pids: dict = {}  # pid -> start time, every server process seen
         self.log_path = None
+        self.log_start = 0
 
     @property
     def url(self) -> str:
@@ -99,12 +105,20 @@ class ManagedServer:
         raise NotImplementedError
 
     def __enter__(self):
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        """Start the server; a port taken between choosing and binding it (the free-port
+        race, likely right after 10,000 client connections) is retried on new ports."""
+        for attempt in range(START_ATTEMPTS):
+            try:
+                self.start()
+                return self
+            except PortTaken:
+                self.stop()
+                if attempt == START_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()
+            except BaseException:
+                self.stop()
+                raise
 
     def __exit__(self, *exc):
         self.stop()
@@ -115,6 +129,7 @@ class ManagedServer:
     def _spawn(self, argv: list, env=None) -> None:
         self.log_path = self.run_dir / f"{self.name}.log"
         log = open(self.log_path, "ab")
+        self.log_start = log.tell()  # a retried start appends; read only its own lines
         try:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env,
@@ -128,11 +143,17 @@ class ManagedServer:
             if pid not in self.known_pids:
                 self.known_pids[pid] = start_time(pid)
 
-    def log_tail(self, lines: int = 20) -> str:
+    def log_text(self) -> str:
+        """What the server wrote to its log since the last start."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except (OSError, AttributeError):
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_start)
+                return f.read().decode(errors="replace")
+        except (OSError, TypeError):
             return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self) -> None:
         """SIGTERM the root process, wait, then SIGKILL it and every process it started."""
@@ -196,9 +217,11 @@ class FirehoseServer(ManagedServer):
         deadline = time.monotonic() + READY_TIMEOUT_S
         wanted = ["edge listening"] + [f"worker {w} up" for w in self.worker_ids]
         while True:
-            text = self.log_path.read_text(errors="replace")
+            text = self.log_text()
             if all(w in text for w in wanted):
                 break
+            if "Address already in use" in text:
+                raise PortTaken(f"firehose-zmq: a port was taken: {self.log_tail(3)}")
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise ServerError(f"firehose-cluster did not become ready (waiting for {wanted});"
                                   f" log:\n{self.log_tail()}")
@@ -292,11 +315,22 @@ class NchanServer(ManagedServer):
         conf_path.write_text(conf)
         self._spawn([shutil.which("nginx"), "-p", str(self.nginx_dir), "-e",
                      str(self.nginx_dir / "error.log"), "-c", str(conf_path)])
-        wait_port(self.port, time.monotonic() + READY_TIMEOUT_S, self.process, "nginx")
+        try:
+            wait_port(self.port, time.monotonic() + READY_TIMEOUT_S, self.process, "nginx")
+        except ServerError:
+            if "Address already in use" in self.log_tail() + self._error_log():
+                raise PortTaken(f"nchan: port {self.port} was taken") from None
+            raise ServerError(f"nginx did not start: {self.log_tail(5)} {self._error_log()}") from None
         status, _, body = http("POST", f"{self.url}/pub?id=bench-probe", b"ready")
         if not 200 <= status < 300:
             raise ServerError(f"nchan answered {status} {body[:200]!r} to a probe publish")
         self.pids()
+
+    def _error_log(self) -> str:
+        try:
+            return (self.nginx_dir / "error.log").read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
 
     def pids(self) -> list:
         if self.process is None:

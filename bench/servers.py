@@ -126,13 +126,13 @@ class ManagedServer:
     def start(self) -> None:
         raise NotImplementedError
 
-    def _spawn(self, argv: list, env=None) -> None:
+    def _spawn(self, argv: list, env=None, cwd=None) -> None:
         self.log_path = self.run_dir / f"{self.name}.log"
         log = open(self.log_path, "ab")
         self.log_start = log.tell()  # a retried start appends; read only its own lines
         try:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env,
+                                            stdin=subprocess.DEVNULL, env=env, cwd=cwd,
                                             start_new_session=True)
         finally:
             log.close()
@@ -213,7 +213,11 @@ class FirehoseServer(ManagedServer):
             raise ServerError(f"{self.bin} not found: run `make install` (or `make bench`) first")
         self.write_config()
         env = {k: v for k, v in os.environ.items() if k not in ("PORT", "FIREHOSE_LONG_POLL_TIMEOUT")}
-        self._spawn([str(self.bin), "--config", str(self.config_path), "--log-level", "INFO"], env)
+        # firehose-cluster starts its children with `python -m firehose_zmq...`, which
+        # imports from the working directory first: run it in this checkout, the code
+        # the venv's editable install points at, whatever the caller's directory is.
+        self._spawn([str(self.bin), "--config", str(self.config_path), "--log-level", "INFO"], env,
+                    cwd=HERE.parent)
         deadline = time.monotonic() + READY_TIMEOUT_S
         wanted = ["edge listening"] + [f"worker {w} up" for w in self.worker_ids]
         while True:

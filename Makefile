@@ -1,10 +1,12 @@
-# firehose-zmq: `make run` starts a local cluster, `make test` runs every test.
+# firehose-zmq: `make run` starts a local cluster, `make test` runs every test,
+# `make bench` measures it beside Nchan (BENCH_QUICK=1 for a short smoke run).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install run test clean
+.PHONY: install run test bench clean
 
 install: $(STAMP)
 
@@ -19,6 +21,15 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# Options via the environment: BENCH_QUICK=1, BENCH_REPEATS, BENCH_DURATION,
+# BENCH_ONLY (regex on scenario keys), BENCH_SERVERS, BENCH_OUT; see bench/run.py.
+bench: $(BENCH_STAMP)
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

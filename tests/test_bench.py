@@ -1,0 +1,135 @@
+"""The benchmark harness (bench/run.py) in its quickest mode against a real cluster.
+
+It keeps `make bench` from rotting: the runner starts firehose-zmq on free ports,
+drives the load generator, stops everything, and writes a JSON document whose shape
+report.py and the issue's readers rely on. Nchan is not involved (it may not be
+installed); the numbers themselves are not checked, only that nothing was lost.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURE_KEYS = {"ops_per_s", "cpu_us_per_op", "p50_ms", "p99_ms", "rss_kb", "bytes_per_conn",
+               "lost", "dup", "errors"}
+
+
+def run_bench(out_dir: Path, only: str):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BENCH_")}
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--servers", "firehose-zmq",
+         "--duration", "1", "--repeats", "1", "--no-chart", "--only", only, "--out", str(out_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+
+
+def test_quick_bench_writes_every_figure_and_loses_nothing(tmp_path):
+    """A quick run measures publish, long-poll fan-out and channels with 0 lost, 0 duplicated."""
+    done = run_bench(tmp_path, "^(publish|fanout_lp_100|channels_200|fanout_ws_200|idle_1000"
+                               "|isolation_alone|isolation_hot)$")
+    assert done.returncode == 0, done.stdout + done.stderr
+    [json_path] = tmp_path.glob("*.json")
+    doc = json.loads(json_path.read_text())
+    assert doc["meta"]["complete"] is True
+    assert doc["meta"]["servers"] == ["firehose-zmq"]
+    rows = {row["key"]: row for row in doc["scenarios"]}
+    assert set(rows) == {"publish", "fanout_lp_100", "channels_200", "fanout_ws_200", "idle_1000",
+                         "isolation_alone", "isolation_hot"}
+    for key in ("publish", "fanout_lp_100", "channels_200"):
+        row = rows[key]
+        assert row["status"] == {"firehose-zmq": "ok"}
+        [run] = row["runs"]["firehose-zmq"]
+        assert set(run["figures"]) >= FIGURE_KEYS
+        assert run["figures"]["lost"] == 0 and run["figures"]["dup"] == 0
+        assert run["figures"]["errors"] == 0
+        assert run["figures"]["ops_per_s"] > 0 and run["figures"]["cpu_us_per_op"] > 0
+        assert run["result"]["server_processes"] >= 3  # the edge and both workers
+        median = row["median"]["firehose-zmq"]
+        assert median["runs"] == 1 and median["lost"] == 0
+    [idle] = rows["idle_1000"]["runs"]["firehose-zmq"]
+    assert idle["figures"]["bytes_per_conn"] > 0 and idle["figures"]["lost"] == 0
+    assert idle["result"]["connected"] == 1000
+    [hot] = rows["isolation_hot"]["runs"]["firehose-zmq"]
+    assert hot["result"]["hot"]["requests_ok"] > 0  # the hot channel really ran alongside
+    assert hot["figures"]["lost"] == 0 and hot["figures"]["p99_ms"] > 0
+    assert rows["isolation_hot"]["p99_rise"]["firehose-zmq"] > 0
+    # the WebSocket row is measured when the server has the endpoint, else says why not
+    ws = rows["fanout_ws_200"]
+    status = ws["status"]["firehose-zmq"]
+    assert status == "ok" or status.startswith("not available:")
+    assert "a) publish" in done.stdout and "ratio" in done.stdout
+
+
+def _stream_server(answer_for):
+    """A loopback server answering each request's head with ``answer_for(head)`` and
+    then holding the connection open (as a working stream does); returns (port, stop)."""
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    held, stopping = [], threading.Event()
+
+    def serve():
+        while not stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            head = b""
+            conn.settimeout(2)
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+            conn.sendall(answer_for(head))
+            held.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stop():
+        stopping.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+    return listener.getsockname()[1], stop
+
+
+def test_stream_probe_accepts_a_held_stream_and_refuses_a_long_poll(tmp_path):
+    """The WS/SSE probe reads only the response head: an open stream counts as available."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from servers import FirehoseServer
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+    def streams(head):
+        if head.startswith(b"PUT"):
+            return b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+        if b"Upgrade: websocket" in head:
+            return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
+        return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n: hello\n\n"
+
+    def long_poll(head):
+        if head.startswith(b"PUT"):
+            return b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+        body = b'{"message":"probe","last_sequence":1}'
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                % len(body)) + body
+
+    for answer, expected in ((streams, True), (long_poll, False)):
+        port, stop = _stream_server(answer)
+        try:
+            server = FirehoseServer(tmp_path)
+            server.port = port
+            for transport in ("ws", "sse"):
+                ok, why = server.supports(transport)
+                assert ok is expected, (transport, why)
+        finally:
+            stop()

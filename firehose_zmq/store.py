@@ -125,6 +125,60 @@ class Snapshot(NamedTuple):
     dropped_expired: int
 
 
+class _PublishRun:
+    """Consecutive publishes, written with one statement per table.
+
+    The result is what applying them one by one would leave: the last state of
+    each channel; the messages above the highest trim point any of them set
+    (the in-memory buffer only ever loses its oldest messages); nothing of a
+    channel's older incarnation once a publish starts a new one (sequence 1).
+    """
+
+    __slots__ = ("last", "messages", "cutoff", "restarted", "publish_ids")
+
+    def __init__(self):
+        self.last: dict = {}        # name -> newest PublishOp
+        self.messages: dict = {}    # name -> [(seq, data)] of this run
+        self.cutoff: dict = {}      # name -> highest seq that must not stay stored
+        self.restarted: set = set() # names whose stored messages all go first
+        self.publish_ids: list = []
+
+    def add(self, op: "PublishOp") -> None:
+        name = op.name
+        if op.seq == 1:
+            self.restarted.add(name)
+            self.messages.pop(name, None)
+            self.cutoff.pop(name, None)
+        self.last[name] = op
+        if op.buffer_size > 0:
+            self.messages.setdefault(name, []).append((op.seq, op.data))
+        cutoff = op.seq - op.buffer_size
+        if cutoff > self.cutoff.get(name, 0):
+            self.cutoff[name] = cutoff
+        if op.publish_id is not None:
+            self.publish_ids.append((op.publish_id, name, op.epoch, op.seq, op.at))
+
+    def write(self, db) -> None:
+        if not self.last:
+            return
+        if self.restarted:
+            db.executemany("DELETE FROM messages WHERE name = ?",
+                           [(name,) for name in self.restarted])
+        cutoff = self.cutoff
+        db.executemany("INSERT OR REPLACE INTO messages (name, seq, data) VALUES (?, ?, ?)",
+                       [(name, seq, data) for name, rows in self.messages.items()
+                        for seq, data in rows if seq > cutoff.get(name, 0)])
+        if cutoff:
+            db.executemany("DELETE FROM messages WHERE name = ? AND seq <= ?", cutoff.items())
+        db.executemany("INSERT OR REPLACE INTO channels (name, epoch, seq, buffer_size, expires_at)"
+                       " VALUES (?, ?, ?, ?, ?)",
+                       [(op.name, op.epoch, op.seq, op.buffer_size, op.expires_at)
+                        for op in self.last.values()])
+        if self.publish_ids:
+            db.executemany("INSERT OR REPLACE INTO publish_ids (publish_id, name, epoch, seq, at)"
+                           " VALUES (?, ?, ?, ?, ?)", self.publish_ids)
+
+
 class Store:
     """One worker's SQLite file. Not thread-safe: after ``StoreWriter.start`` only the
     writer thread uses it."""
@@ -186,15 +240,26 @@ class Store:
 
     def apply(self, batches) -> int:
         """Apply every operation of ``batches`` (lists of ops) in one transaction and
-        commit; returns the number of operations. Raises sqlite3.Error (rolled back)."""
+        commit; returns the number of operations. Raises sqlite3.Error (rolled back).
+
+        Runs of publishes are written together (``_PublishRun``): one row per
+        message, but each channel's state, trim and restart once per run.
+        """
         db = self._db
         count = 0
+        run = _PublishRun()
         db.execute("BEGIN")
         try:
             for ops in batches:
                 for op in ops:
+                    if type(op) is PublishOp:
+                        run.add(op)
+                        continue
+                    run.write(db)
+                    run = _PublishRun()
                     self._apply(op)
                 count += len(ops)
+            run.write(db)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -204,23 +269,7 @@ class Store:
 
     def _apply(self, op) -> None:
         db = self._db
-        if type(op) is PublishOp:
-            if op.seq == 1:  # a new incarnation: nothing of an older one survives
-                db.execute("DELETE FROM messages WHERE name = ?", (op.name,))
-            db.execute("INSERT OR REPLACE INTO channels (name, epoch, seq, buffer_size, expires_at)"
-                       " VALUES (?, ?, ?, ?, ?)",
-                       (op.name, op.epoch, op.seq, op.buffer_size, op.expires_at))
-            if op.buffer_size > 0:
-                db.execute("INSERT OR REPLACE INTO messages (name, seq, data) VALUES (?, ?, ?)",
-                           (op.name, op.seq, op.data))
-            if op.seq > op.buffer_size:
-                db.execute("DELETE FROM messages WHERE name = ? AND seq <= ?",
-                           (op.name, op.seq - op.buffer_size))
-            if op.publish_id is not None:
-                db.execute("INSERT OR REPLACE INTO publish_ids (publish_id, name, epoch, seq, at)"
-                           " VALUES (?, ?, ?, ?, ?)",
-                           (op.publish_id, op.name, op.epoch, op.seq, op.at))
-        elif type(op) is DeleteOp:
+        if type(op) is DeleteOp:
             self._delete(op.name)
         elif type(op) is EpochOp:
             db.execute("UPDATE channels SET epoch = ? WHERE name = ?", (op.epoch, op.name))

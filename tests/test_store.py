@@ -160,3 +160,39 @@ def test_writer_failure_is_reported(path):
         assert writer.stop(5.0) is False
     finally:
         context.term()
+
+
+def test_a_batch_leaves_what_one_commit_per_publish_leaves(tmp_path):
+    """Publishes written together as one run store exactly what they store one by one,
+    across buffer-size changes, new incarnations and deletes."""
+    import random
+    rng = random.Random(7)
+    ops, seqs, epochs = [], {}, {}
+    for i in range(600):
+        name = f"/c{rng.randrange(5)}"
+        if rng.random() < 0.06:  # deleted, or expired (which starts over without a DeleteOp)
+            if rng.random() < 0.5:
+                ops.append(DeleteOp(name))
+            seqs.pop(name, None)
+            continue
+        seq = seqs.get(name, 0) + 1
+        if seq == 1:
+            epochs[name] = epochs.get(name, 0) + 1
+        seqs[name] = seq
+        ops.append(pub(name, seq, b"m%d" % i, epoch=epochs[name],
+                       buffer_size=rng.choice([0, 1, 3, 10])))
+
+    def contents(store):
+        db = store._db
+        return (db.execute("SELECT * FROM channels ORDER BY name").fetchall(),
+                db.execute("SELECT * FROM messages ORDER BY name, seq").fetchall())
+
+    one_by_one = Store(str(tmp_path / "a.sqlite3"))
+    one_by_one.load(0.0, 0.0)
+    for op in ops:
+        one_by_one.apply([[op]])
+    together = Store(str(tmp_path / "b.sqlite3"))
+    together.load(0.0, 0.0)
+    together.apply([ops[:250], ops[250:]])
+    assert contents(together) == contents(one_by_one)
+    assert contents(together)[1]  # the comparison is not between two empty stores

@@ -675,11 +675,11 @@ class SubscriberCore:
             elif state.floor >= seq:  # caught up, or ahead of a channel that started over
                 state.floor = seq
         elif epoch != state.epoch:
-            if epoch > state.epoch:  # started over while we filled: fill from its start
+            if epoch > state.epoch and seq > 0:  # started over while we filled: from its start
                 state.epoch, state.floor = epoch, 0
                 self._fetch(state, now, initial=False)
                 return
-            epoch = state.epoch  # the channel is gone (epoch 0); wait for live messages
+            epoch = state.epoch  # the channel is gone (seq 0); wait for live messages
             messages, seq = [], state.floor
         for message_seq, data in messages:
             if message_seq <= state.floor:

@@ -219,7 +219,7 @@ class Fanout:
             return
         reply = future.result()
         epoch = reply["epoch"]
-        if after and epoch != listener.epoch:
+        if after and epoch != listener.epoch and reply["seq"] > 0:
             # The channel started over while we filled a gap: fill from its start.
             listener.epoch = epoch
             listener.floor = 0

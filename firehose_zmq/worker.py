@@ -94,7 +94,8 @@ class Worker:
         self.storage = check_storage(config.storage)
         self.counters = Counters()
         self._clock = clock
-        self._last_epoch = 0
+        # Epochs are wall-clock nanoseconds, above any of an earlier run of this worker.
+        self._last_epoch = time.time_ns()
         self.channels = ChannelTable(self._new_epoch)
         self._context = context or zmq.Context.instance()
         self._router = None
@@ -387,7 +388,10 @@ class Worker:
         if op == "fetch":
             channel = self.channels.get(name, now)
             if channel is None:
-                return protocol.encode_reply(request_id, seq=0, epoch=0, messages=[])
+                # Gone (or never there): an epoch above every past incarnation and
+                # at most the next one, so subscribers can drop what they still hold.
+                return protocol.encode_reply(request_id, seq=0, epoch=self._last_epoch + 1,
+                                             messages=[])
             since = request["since"]
             found = channel.after(since) if request.get("after") else channel.since(since)
             found = self._fit_reply(found, request.get("limit"))

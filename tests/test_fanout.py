@@ -128,3 +128,29 @@ def test_client_that_disconnects_is_forgotten(cluster, run):
 
     assert run(scenario()).body == b'{"message":"2","last_sequence":2}'
     assert request(cluster.url(channel)).status == 200
+
+
+def test_deleted_or_expired_channel_is_not_served_from_the_edge(cluster, run):
+    """After DELETE (or expiry) the edge's recent messages of the old channel are not delivered."""
+    deleted, expired = fresh(), fresh()
+
+    async def scenario():
+        for channel, headers in ((deleted, {}), (expired, {"Cache-Control": "max-age=1"})):
+            assert (await async_request(cluster.url(channel), "PUT", b"m1", headers)).status == 202
+            keep = asyncio.ensure_future(
+                async_request(cluster.url(f"{channel}?last_message_sequence=1")))
+            await wait_for_subscribed(cluster, channel, 1)
+            assert (await async_request(cluster.url(channel), "PUT", b"m2", headers)).status == 202
+            assert (await keep).status == 200  # the edge now holds m1 and m2 for the channel
+        assert (await async_request(cluster.url(deleted), "DELETE")).status == 204
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: request(cluster.url(expired), "HEAD"))
+        gone_by = loop.time() + 1.5
+        while loop.time() < gone_by:  # bounded wait for the 1 s TTL to pass
+            await asyncio.sleep(0.1)
+        return await asyncio.gather(*(
+            async_request(cluster.url(path)) for path in (
+                f"{deleted}?last_message_sequence=1", deleted,
+                f"{expired}?last_message_sequence=1", expired)))
+
+    assert [r.status for r in run(scenario())] == [204, 204, 204, 204]

@@ -24,9 +24,9 @@ dropped by sequence.
 When the owner of a channel goes down (``worker_changed``), every listener of
 its channels gets ``on_error(listener, OwnerDown)`` and is removed: a long-poll
 answers 204 and its client re-polls from its sequence; a stream tells its
-client to reconnect. When the owner comes back, listeners that were not
-removed (the outage was too short to be declared) fetch what followed their
-floor, and the SUB socket has re-sent its subscriptions by itself.
+client to reconnect. New listeners fail at once while it is down; when it is
+back, the SUB socket has re-sent its subscriptions by itself and clients resume
+from their sequences.
 
 Each message is encoded for the JSON transports once (``Item.json``) and the
 same bytes go to every listener.
@@ -270,22 +270,23 @@ class Fanout:
             self._fetch(listener, since=listener.floor, after=True)
 
     def worker_changed(self, worker_id: str, up: bool) -> None:
-        """The backend's verdict on a worker changed; see the module docstring."""
-        if not up:
-            self.owner_lost(worker_id)
+        """The backend's verdict on a worker changed; see the module docstring.
+
+        Only a loss matters here: while a worker is down every request for its
+        channels fails at once, so no listener of them is left when it returns.
+        """
+        if up:
+            return
+        self.owner_lost(worker_id)
         owned = [feed for channel, feed in self._feeds.items()
                  if self._backend.owner(channel) == worker_id]
         for feed in owned:
             for listener in list(feed.listeners):
                 if listener.closed:
                     continue
-                if up:
-                    if not listener.fetching:
-                        self._fetch(listener, since=listener.floor, after=True)
-                else:
-                    self.remove(listener)
-                    listener.on_error(listener, OwnerDown(
-                        f"worker {worker_id}, the owner of {listener.channel}, is unavailable"))
+                self.remove(listener)
+                listener.on_error(listener, OwnerDown(
+                    f"worker {worker_id}, the owner of {listener.channel}, is unavailable"))
 
     # -- messages --------------------------------------------------------------
 
@@ -311,13 +312,13 @@ class Fanout:
                 feed.synced = False
 
     def _sweep(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
         now = time.monotonic()
         idle = [feed for feed in self._feeds.values()
                 if not feed.listeners and now - feed.idle_since >= self._linger_s]
         for feed in idle:
             del self._feeds[feed.channel]
             self._backend.unsubscribe(feed.channel)
-        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
 
 class LiveMessage:
@@ -355,6 +356,11 @@ class Poll:
         self._end((listener.channel, items[0]), None)
 
     def _on_error(self, listener, exc) -> None:
+        # One channel's owner failing does not end a multiplexed poll while
+        # another channel can still answer.
+        self._fanout.remove(listener)
+        if any(not other.closed for other in self._listeners):
+            return
         # A wait cut short by an outage ends like a timeout: the client re-polls.
         self._end(None, None if isinstance(exc, OwnerDown) else exc)
 
@@ -411,8 +417,11 @@ class Timeouts:
         return [poll for polls in self._slots.values() for poll in polls]
 
     def _sweep(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._SLOT_S, self._sweep)
         now_slot = int(time.monotonic() / self._SLOT_S)
         for slot in [slot for slot in self._slots if slot <= now_slot]:
             for poll in list(self._slots.pop(slot)):
-                poll.expire()
-        self._timer = asyncio.get_running_loop().call_later(self._SLOT_S, self._sweep)
+                try:
+                    poll.expire()
+                except Exception:
+                    log.exception("ending a timed-out long-poll failed")

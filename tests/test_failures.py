@@ -86,3 +86,30 @@ def test_worker_refuses_a_channel_it_does_not_own(cluster):
         dealer.close(linger=0)
     assert (reply["ok"], reply["error"]) == (False, "not_owner")
     assert reply["ring"] in reply["reason"]
+
+
+def test_multiplexed_poll_survives_one_dead_owner(fresh_cluster):
+    """A multiplexed long-poll keeps waiting on live channels when another's owner is down."""
+    import json
+    import threading
+    cluster = fresh_cluster
+    on_w1 = channel_on("w1", cluster.worker_ids, "/mx-dead")
+    on_w2 = channel_on("w2", cluster.worker_ids, "/mx-live")
+    mark = len(cluster.edge.lines)
+    cluster.kill_worker("w1")
+    cluster.edge.wait_for("worker w1 down", start=mark)
+    result = {}
+    poll = threading.Thread(target=lambda: result.update(r=request(
+        cluster.url(f"/channels@firehose?subscribe={on_w1}!0,{on_w2}!0"))))
+    poll.start()
+    # Publish until the poll (whatever moment it registered) has taken a message.
+    for n in range(50):
+        assert request(cluster.url(on_w2), "PUT", b"live %d" % n).status == 202
+        poll.join(0.1)
+        if not poll.is_alive():
+            break
+    poll.join(5)
+    assert result["r"].status == 200
+    assert json.loads(result["r"].body)["channel"] == on_w2
+    # With every channel unavailable the answer is 503.
+    assert request(cluster.url(f"/channels@firehose?subscribe={on_w1}!0")).status == 503

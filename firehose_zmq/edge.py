@@ -262,6 +262,7 @@ class ChannelHandler(BaseHandler):
         self.channel = None
         self.body_parts = []
         self.body_too_large = False
+        self.body_bytes = 0
         method = self.request.method
         if method in ("POST", "PATCH"):
             raise tornado.web.HTTPError(405)
@@ -275,8 +276,12 @@ class ChannelHandler(BaseHandler):
             return self.answer(404, f"Unknown endpoint {self.channel}")
         if method == "PUT":
             limit = self.edge.limits.max_message_bytes
-            length = self.request.headers.get("Content-Length", "0")
-            length = int(length) if length.isdigit() else 0
+            length = self.request.headers.get("Content-Length")
+            if length is None:
+                # Chunked: count as it comes (data_received), answer 413 at the end.
+                self.request.connection.set_max_body_size(_DISCARD_LIMIT_FACTOR * limit)
+                return
+            length = int(length) if length.isascii() and length.isdigit() else 0
             if length > limit:
                 self.body_too_large = True
                 if length > _DISCARD_LIMIT_FACTOR * limit:
@@ -294,6 +299,10 @@ class ChannelHandler(BaseHandler):
         if self.body_too_large:
             return
         self.body_parts.append(chunk)
+        self.body_bytes += len(chunk)
+        if self.body_bytes > self.edge.limits.max_message_bytes:
+            self.body_too_large = True
+            self.body_parts = []
 
     async def put(self, *args):
         edge = self.edge

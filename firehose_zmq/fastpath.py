@@ -55,7 +55,7 @@ def _long_poll_sequence(start_line, headers):
     if not query.startswith(_SEQUENCE_PARAM) or "&" in query:
         return None
     value = query[len(_SEQUENCE_PARAM):]
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         return None
     return int(value) if len(value) < 19 else None
 
@@ -106,7 +106,8 @@ class _Request(httputil.HTTPMessageDelegate):
     def _take_publish(self, headers) -> bool:
         limits = self._fast.edge.limits
         length = headers.get("Content-Length")
-        if length is None or not length.isdigit() or int(length) > limits.max_message_bytes:
+        if (length is None or not (length.isascii() and length.isdigit())
+                or int(length) > limits.max_message_bytes):
             return False
         try:
             self._options = httpwire.parse_publish_headers(
@@ -121,7 +122,8 @@ class _Request(httputil.HTTPMessageDelegate):
     def data_received(self, chunk):
         if self._inner is not None:
             return self._inner.data_received(chunk)
-        self._body.append(chunk)
+        if self._body is not None:  # a long-poll's body, if it has one, is ignored
+            self._body.append(chunk)
         return None
 
     def finish(self):
@@ -151,15 +153,15 @@ class _Request(httputil.HTTPMessageDelegate):
     # -- answers ---------------------------------------------------------------
 
     def _headers(self, content_type=None, length=0):
+        """Response headers; ``length`` None for a 204, which has no body or length."""
         headers = httputil.HTTPHeaders()
         if content_type is not None:
             headers["Content-Type"] = content_type
-        headers["Content-Length"] = str(length)
-        if self._origin:
-            allowed = self._fast.edge.config.edge.cors_allow_origins
-            if not allowed or self._origin in allowed:
-                headers["Access-Control-Allow-Origin"] = self._origin
-                headers["Vary"] = "Origin"
+        if length is not None:
+            headers["Content-Length"] = str(length)
+        if self._origin and self._fast.edge.allows_origin(self._origin):
+            headers["Access-Control-Allow-Origin"] = self._origin
+            headers["Vary"] = "Origin"
         return headers
 
     def _write(self, start_line, headers, body=b"") -> None:
@@ -182,7 +184,7 @@ class _Request(httputil.HTTPMessageDelegate):
         if result is None:
             if not self._gone:
                 self._fast.edge.metrics.incr(time.time(), "timeouts")
-            return self._write(_NO_CONTENT, self._headers())
+            return self._write(_NO_CONTENT, self._headers(length=None))
         body = result[1].json()
         self._write(_OK, self._headers("application/json", len(body)), body)
 

@@ -305,3 +305,78 @@ def test_metrics_report_time_buckets(cluster):
     assert (published, subscribed) == (1, 1)
     assert newest["global"]["connections"] >= 1
     assert request(cluster.url("/metrics@firehose"), "POST", b"").status == 200
+
+
+def raw_exchange(cluster, head: bytes, body_chunks=(), timeout_s=10.0) -> bytes:
+    """Send a hand-made request and return everything the server answers until it
+    has sent one whole response (or closes)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", cluster.http_port), timeout=timeout_s) as s:
+        s.sendall(head)
+        for chunk in body_chunks:
+            s.sendall(chunk)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = s.recv(65536)
+            if not more:
+                return data
+            data += more
+        head_part, _, rest = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head_part.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(rest) < length:
+            more = s.recv(65536)
+            if not more:
+                break
+            rest += more
+        return head_part + b"\r\n\r\n" + rest
+
+
+def test_chunked_body_over_limit_is_413(cluster):
+    """A chunked PUT over 5 MiB gets 413 (after its body), not a reset."""
+    chunk = b"x" * (1024 * 1024)
+    framed = [b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(6)] + [b"0\r\n\r\n"]
+    answer = raw_exchange(cluster, f"PUT {fresh()} HTTP/1.1\r\nHost: x\r\n"
+                                   "Transfer-Encoding: chunked\r\n\r\n".encode(), framed)
+    assert answer.startswith(b"HTTP/1.1 413")
+
+
+def test_chunked_body_within_limit_is_published(cluster):
+    channel = fresh()
+    framed = [b"5\r\nhello\r\n", b"6\r\n world\r\n", b"0\r\n\r\n"]
+    answer = raw_exchange(cluster, f"PUT {channel} HTTP/1.1\r\nHost: x\r\n"
+                                   "Transfer-Encoding: chunked\r\n\r\n".encode(), framed)
+    assert answer.startswith(b"HTTP/1.1 202")
+    assert json.loads(request(cluster.url(channel)).body)["message"] == "hello world"
+
+
+def test_get_with_a_body_is_still_a_long_poll(cluster):
+    """A long-poll that (oddly) carries a body is answered like any other."""
+    channel = fresh()
+    publish(cluster, channel, b"m")
+    answer = raw_exchange(cluster, f"GET {channel} HTTP/1.1\r\nHost: x\r\n"
+                                   "Content-Length: 5\r\n\r\nhello".encode())
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert answer.endswith(b'{"message":"m","last_sequence":1}')
+
+
+@pytest.mark.parametrize("head", [
+    "GET /t/x?last_message_sequence=\xb2 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "PUT /t/x HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n",
+])
+def test_non_ascii_digits_are_a_400_not_a_crash(cluster, head):
+    """Latin-1 digits like '²' are not numbers."""
+    answer = raw_exchange(cluster, head.encode("latin-1"))
+    assert answer.startswith(b"HTTP/1.1 400")
+
+
+def test_204_has_no_content_length(cluster):
+    """A timed-out long-poll's 204 carries no body and no Content-Length."""
+    channel = fresh()
+    publish(cluster, channel, b"m")
+    r = request(cluster.url(channel + "?last_message_sequence=1"))
+    assert r.status == 204
+    assert r.header("Content-Length") is None

@@ -398,6 +398,7 @@ class EventStream:
         self.done = asyncio.get_running_loop().create_future()
         self.started = False
         self.cut = False
+        self.failed = None  # why the stream could not start (answered 503 instead)
         self.unflushed = 0
         self._keepalive = None
 
@@ -436,8 +437,12 @@ class EventStream:
             self.end()
             edge.streams.discard(self)
             handler.poll_in_flight = None
-        if not (handler.client_gone or self.cut):
-            handler.finish()
+        if handler.client_gone or self.cut:
+            return
+        if self.failed is not None and not self.started:
+            # Nothing was sent yet: say why, as a long-poll would.
+            return handler.answer_backend_error(self.failed)
+        handler.finish()
 
     def end(self) -> None:
         _resolve(self.done)
@@ -496,6 +501,7 @@ class EventStream:
             return
         # End the response: the browser reconnects after ``retry`` and resumes.
         log.info("event stream on %r: %s; ending it", listener.channel, exc)
+        self.failed = exc
         self.end()
 
     def _schedule_keepalive(self) -> None:

@@ -104,6 +104,7 @@ class Worker:
         self._gated = False          # sync mode: hold output until committed
         self._ops: list = []         # store operations of the current loop turn
         self._outbox: deque = deque()  # (ticket, socket, frames) waiting for a commit
+        self._reply_reveals_state = True  # set per request by _dispatch
         self._publish_ids: OrderedDict = OrderedDict()  # id -> SeenPublish, oldest first
 
     @property
@@ -304,8 +305,14 @@ class Worker:
             if len(frames) < 2:
                 self._reject(f"request of {len(frames)} frame(s) has no body")
                 continue
+            self._reply_reveals_state = True
             reply = self.handle_request(frames[-1])
-            self._send(router, frames[:-1] + [reply])
+            if self._reply_reveals_state:
+                self._send(router, frames[:-1] + [reply])
+            else:
+                # A heartbeat must not wait behind the disk, or a slow commit
+                # would get a healthy worker declared down.
+                router.send_multipart(frames[:-1] + [reply])
         return True
 
     def _drain_subscriptions(self) -> None:
@@ -380,6 +387,7 @@ class Worker:
     def _dispatch(self, request) -> bytes:
         op, request_id = request["op"], request["id"]
         if op == "ping":
+            self._reply_reveals_state = False
             return protocol.encode_reply(request_id, worker=self.me.id, ring=self.ring.version)
         name = self._owned_channel(request)
         now = self._clock()

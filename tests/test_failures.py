@@ -113,3 +113,15 @@ def test_multiplexed_poll_survives_one_dead_owner(fresh_cluster):
     assert json.loads(result["r"].body)["channel"] == on_w2
     # With every channel unavailable the answer is 503.
     assert request(cluster.url(f"/channels@firehose?subscribe={on_w1}!0")).status == 503
+
+
+def test_event_stream_on_a_dead_owner_is_503(fresh_cluster):
+    """An event stream that cannot start says so with 503, like a long-poll."""
+    cluster = fresh_cluster
+    on_w1 = channel_on("w1", cluster.worker_ids, "/sse-dead")
+    mark = len(cluster.edge.lines)
+    cluster.kill_worker("w1")
+    cluster.edge.wait_for("worker w1 down", start=mark)
+    r = request(cluster.url(on_w1), headers={"Accept": "text/event-stream"})
+    assert r.status == 503
+    assert b"w1" in r.body

@@ -165,19 +165,12 @@ def iterate_sync(program, io):
 
 def run_sync(program, io):
     """Run a program that emits nothing with blocking ``io``; returns its result."""
-    value = error = None
-    while True:
-        try:
-            effect = _step(program, value, error)
-        except StopIteration as stop:
-            return stop.value
-        value = error = None
-        if isinstance(effect, Emit):
-            raise RuntimeError(f"unexpected emitted value {effect.value!r}")
-        try:
-            value = io.perform(effect)
-        except TransportError as exc:
-            error = exc
+    steps = iterate_sync(program, io)
+    try:
+        emitted = next(steps)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError(f"unexpected emitted value {emitted!r}")
 
 
 async def iterate_async(program, io):

@@ -1,6 +1,7 @@
 import asyncio
 
 import pytest
+import zmq
 
 from .cluster import Cluster
 from .http import reset_async_client
@@ -31,3 +32,11 @@ def run():
                 reset_async_client()
         return asyncio.run(bounded())
     return runner
+
+
+@pytest.fixture
+def ctx():
+    """A ZeroMQ context of this test's own, destroyed (linger 0) after it."""
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)

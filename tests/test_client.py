@@ -23,11 +23,6 @@ def fresh(prefix="/client"):
     return f"{prefix}/{next(_names)}"
 
 
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def test_producer_publishes_with_options_and_returns_the_sequence(cluster):

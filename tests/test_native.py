@@ -17,11 +17,6 @@ def fresh(prefix="/native"):
     return f"{prefix}/{next(_names)}"
 
 
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def dealer(ctx, cluster):

@@ -165,7 +165,7 @@ def test_subscribers_move_to_a_second_edge_when_one_is_killed(tmp_path, run):
         _, second_port = cluster.start_edge()
         first, second = cluster.url(""), cluster.url("", second_port)
         channels = [f"/edge/{i}" for i in range(20)]
-        per_channel = 10  # 200 subscribers
+        per_channel = 50  # 1,000 subscribers
         ledgers = [Ledger(channels) for _ in range(per_channel)]
         for channel in channels:
             assert request(cluster.url(channel), "PUT", b"start", BUFFER).status == 202

@@ -146,13 +146,6 @@ class Fanout:
         if self._sweeper is not None:
             self._sweeper.cancel()
 
-    @property
-    def channel_count(self) -> int:
-        return len(self._feeds)
-
-    def listener_count(self) -> int:
-        return sum(len(feed.listeners) for feed in self._feeds.values())
-
     # -- listeners -------------------------------------------------------------
 
     def add(self, listener: Listener, last_seq: int) -> None:

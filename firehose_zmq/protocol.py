@@ -34,7 +34,8 @@ Replies: the same envelope, then one msgpack map::
         delete  -> existed;     ping  -> worker, ring
     {"v": 1, "id": <echoed or nil>, "ok": false, "error": <code>, "reason": <str>,
      "ring": <ring version>}
-    codes: bad_request, not_owner, unsupported_version, too_large, unavailable
+    codes: bad_request, not_owner, unsupported_version, too_large, unavailable,
+           deadline, overloaded
 
 Messages: worker PUB/XPUB -> edge SUB (and native subscribers)::
 

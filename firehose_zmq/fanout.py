@@ -19,7 +19,15 @@ listener once it knows its floor. A message published while the subscription
 was still on its way is re-sent by the worker when the subscription lands (its
 last-value cache); any message whose sequence jumps past ``floor + 1`` makes the
 listener fetch the gap from the worker. So nothing is lost, and duplicates are
-dropped by sequence.
+dropped by sequence. A fetch for a channel that is gone answers sequence 0 and an
+epoch above all of its past ones, so what ``recent`` still holds of an older
+incarnation is stale.
+
+The shortcut: once a message has arrived on a feed's subscription (it is
+*synced*), the feed knows the newest sequence the worker published; a listener
+whose last sequence is exactly that waits for the next live message without
+asking the worker (the worker's answer would be "wait"). This is the re-poll of
+every caught-up long-poll client, the hot path of a fan-out.
 
 When the owner of a channel goes down (``worker_changed``), every listener of
 its channels gets ``on_error(listener, OwnerDown)`` and is removed: a long-poll

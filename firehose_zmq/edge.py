@@ -108,23 +108,20 @@ class Edge:
         return not allowed or origin in allowed
 
     def publish(self, channel: str, data: bytes, options) -> asyncio.Future:
-        """Publish to the owning worker; the future gets the message's sequence."""
+        """Publish to the owning worker; the future gets the worker's reply map
+        (its ``seq`` is the message's sequence) or a BackendError."""
         fields = {"data": data, "buffer_size": options.buffer_size}
         if options.ttl_s is None:
             fields["persist"] = True
         else:
             fields["ttl"] = options.ttl_s
         reply = self.backend.request(channel, "publish", **fields)
-        published = asyncio.get_running_loop().create_future()
 
-        def done(future):
-            if future.exception() is not None:
-                published.set_exception(future.exception())
-                return
-            self.metrics.incr(time.time(), "published", channel)
-            published.set_result(future.result()["seq"])
-        reply.add_done_callback(done)
-        return published
+        def count(future):
+            if not future.cancelled() and future.exception() is None:
+                self.metrics.incr(time.time(), "published", channel)
+        reply.add_done_callback(count)
+        return reply
 
     @staticmethod
     def backend_error_status(exc: BackendError) -> tuple:
@@ -317,7 +314,7 @@ class ChannelHandler(BaseHandler):
         except HttpError as exc:
             return self.answer(exc.status, exc.reason)
         try:
-            seq = await edge.publish(self.channel, b"".join(self.body_parts), options)
+            seq = (await edge.publish(self.channel, b"".join(self.body_parts), options))["seq"]
         except BackendError as exc:
             return self.answer_backend_error(exc)
         self.set_status(202)

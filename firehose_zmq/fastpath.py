@@ -193,5 +193,5 @@ class _Request(httputil.HTTPMessageDelegate):
         if exc is not None:
             return self._fail(exc)
         headers = self._headers()
-        headers["X-Firehose-Sequence"] = str(future.result())
+        headers["X-Firehose-Sequence"] = str(future.result()["seq"])
         self._write(_ACCEPTED, headers)

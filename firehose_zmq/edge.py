@@ -15,14 +15,13 @@ import logging
 import signal
 import time
 
-import tornado.httpserver
 import tornado.web
 
 from . import httpwire, streams
 from .backend import Backend, BackendError, RequestRejected
 from .config import ConfigError, load_config
 from .fanout import Fanout, Poll, Timeouts
-from .fastpath import FastPath
+from .fastpath import EdgeHTTPServer
 from .httpwire import HttpError, Subscription
 from .metrics import TimeSeries
 from .native import NativeEndpoints
@@ -64,7 +63,7 @@ class Edge:
         self.timeouts.start()
         if self.native is not None:
             self.native.start(asyncio.get_running_loop())
-        self.server = EdgeHTTPServer(self.metrics, FastPath(self, make_app(self)),
+        self.server = EdgeHTTPServer(self, make_app(self),
                                      max_body_size=self.limits.max_message_bytes,
                                      idle_connection_timeout=3600)
         if sockets is None:
@@ -92,6 +91,7 @@ class Edge:
             await asyncio.wait(publishes, timeout=self.config.edge.request_timeout_s + 1.0)
             await asyncio.sleep(0)  # let their handlers write the answers
         if self.server is not None:
+            self.server.close_fast_connections()
             try:
                 await asyncio.wait_for(self.server.close_all_connections(), 2.0)
             except asyncio.TimeoutError:
@@ -136,22 +136,6 @@ class Edge:
     def poll(self, subscriptions, on_done) -> Poll:
         """Start a long-poll; ``on_done(result, exc)`` ends it (see ``Poll``)."""
         return Poll(self.fanout, self.timeouts, subscriptions, on_done)
-
-
-class EdgeHTTPServer(tornado.httpserver.HTTPServer):
-    """Tornado's HTTPServer, counting connections for the metrics."""
-
-    def initialize(self, metrics, *args, **kwargs):
-        self._metrics = metrics
-        super().initialize(*args, **kwargs)
-
-    def handle_stream(self, stream, address):
-        self._metrics.connection_opened(time.time())
-        super().handle_stream(stream, address)
-
-    def on_close(self, server_conn):
-        self._metrics.connection_closed(time.time())
-        super().on_close(server_conn)
 
 
 class BaseHandler(tornado.web.RequestHandler):

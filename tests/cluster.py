@@ -117,7 +117,9 @@ class Cluster:
     ``native_pub`` / ``native_router`` are its native ZeroMQ endpoints."""
 
     def __init__(self, tmp_path, worker_ids=("w1", "w2"), long_poll_timeout_s: float = 3.0,
-                 extra_config: str = "", durability: str = "sync", storage_config: str = ""):
+                 extra_config: str = "", durability: str = "sync", storage_config: str = "",
+                 edge_args=()):
+        self.edge_args = list(edge_args)
         self.tmp_path = Path(tmp_path)
         self.worker_ids = list(worker_ids)
         self.http_port = free_port()
@@ -166,7 +168,7 @@ class Cluster:
     def _start_primary_edge(self) -> None:
         """Start the edge of ``http_port``; wait until it listens and sees every worker."""
         self.edge = Process("edge", [str(BIN / "firehose-edge"), "--config",
-                                     str(self.config_path)], self.env)
+                                     str(self.config_path), *self.edge_args], self.env)
         self.edge.wait_for("edge listening")
         for worker_id in self.worker_ids:
             self.edge.wait_for(f"worker {worker_id} up")

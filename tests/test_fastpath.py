@@ -1,0 +1,214 @@
+"""The fast path's HTTP/1.1 plumbing (fastpath.py) against a real edge, on both loops:
+keep-alive, pipelining, split bodies, half-close, and handing a connection to
+Tornado in the middle of it."""
+
+import json
+import socket
+import uuid
+
+import pytest
+
+from .cluster import Cluster
+from .http import request
+
+
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def cluster(request, tmp_path_factory):
+    with Cluster(tmp_path_factory.mktemp("fast"), long_poll_timeout_s=3.0,
+                 edge_args=["--loop", request.param]) as running:
+        yield running
+
+
+def fresh() -> str:
+    return f"/fast/{uuid.uuid4().hex}"
+
+
+class Conn:
+    """A raw keep-alive connection that reads whole responses (Content-Length framed)."""
+
+    def __init__(self, cluster, rcvbuf=None, timeout_s=10.0):
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout_s)
+        self.sock.connect(("127.0.0.1", cluster.http_port))
+        self.data = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        more = self.sock.recv(65536)
+        self.data += more
+        return bool(more)
+
+    def response(self):
+        """(status, headers, body) of the next response; None at end of stream."""
+        while b"\r\n\r\n" not in self.data:
+            if not self._fill():
+                assert self.data == b"", f"connection closed inside a response: {self.data!r}"
+                return None
+        head, _, self.data = self.data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", 0))
+        while len(self.data) < length:
+            assert self._fill(), "connection closed inside a body"
+        body, self.data = self.data[:length], self.data[length:]
+        return int(lines[0].split(" ")[1]), headers, body
+
+    def at_eof(self) -> bool:
+        return self.data == b"" and not self._fill()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def put(channel: str, body: bytes, extra: str = "") -> bytes:
+    return (f"PUT {channel} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+            .encode() + body)
+
+
+def get(channel: str, seq: int, extra: str = "") -> bytes:
+    return f"GET {channel}?last_message_sequence={seq} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+
+
+def test_pipelined_requests_are_answered_in_order(cluster):
+    channel = fresh()
+    conn = Conn(cluster)
+    try:
+        conn.send(put(channel, b"one") + put(channel, b"two") + get(channel, 1) + get(channel, 0))
+        answers = [conn.response() for _ in range(4)]
+    finally:
+        conn.close()
+    assert [a[0] for a in answers] == [202, 202, 200, 200]
+    assert [a[1]["x-firehose-sequence"] for a in answers[:2]] == ["1", "2"]
+    assert json.loads(answers[2][2]) == {"message": "two", "last_sequence": 2}
+    assert json.loads(answers[3][2])["last_sequence"] == 2
+
+
+def test_connection_moves_to_tornado_mid_stream(cluster):
+    """A publish, then a request only the application serves, then more on the same
+    connection: all answered, in order, by whichever side serves them."""
+    channel = fresh()
+    conn = Conn(cluster)
+    try:
+        conn.send(put(channel, b"a")
+                  + f"OPTIONS {channel} HTTP/1.1\r\nHost: x\r\nOrigin: http://o.example\r\n"
+                    "\r\n".encode()
+                  + put(channel, b"b") + get(channel, 1))
+        answers = [conn.response() for _ in range(4)]
+    finally:
+        conn.close()
+    assert [a[0] for a in answers] == [202, 204, 202, 200]
+    assert "PUT" in answers[1][1]["access-control-allow-methods"]
+    assert answers[2][1]["x-firehose-sequence"] == "2"
+    assert json.loads(answers[3][2]) == {"message": "b", "last_sequence": 2}
+
+
+def test_hand_off_waits_for_queued_answers(cluster):
+    """A big answer the client is slow to read is written whole before Tornado takes
+    the connection for the request that follows it."""
+    channel = fresh()
+    payload = b"x" * (3 * 1024 * 1024)
+    assert request(cluster.url(channel), "PUT", payload).status == 202
+    conn = Conn(cluster, rcvbuf=4096)
+    try:
+        conn.send(get(channel, 0) + f"OPTIONS {channel} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        first, second = conn.response(), conn.response()
+    finally:
+        conn.close()
+    assert first[0] == 200 and json.loads(first[2])["message"] == payload.decode()
+    assert second[0] == 204
+
+
+def test_body_in_pieces(cluster):
+    channel = fresh()
+    conn = Conn(cluster)
+    try:
+        whole = put(channel, b"split body")
+        for i in range(len(whole)):
+            conn.send(whole[i:i + 1])
+        status, headers, _ = conn.response()
+    finally:
+        conn.close()
+    assert status == 202
+    assert json.loads(request(cluster.url(channel)).body)["message"] == "split body"
+
+
+def test_connection_close_is_honoured(cluster):
+    channel = fresh()
+    conn = Conn(cluster)
+    try:
+        conn.send(put(channel, b"m", "Connection: close\r\n"))
+        assert conn.response()[0] == 202
+        assert conn.at_eof()
+    finally:
+        conn.close()
+
+
+def test_half_closed_publisher_gets_its_answer(cluster):
+    channel = fresh()
+    conn = Conn(cluster)
+    try:
+        conn.send(put(channel, b"last words"))
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert conn.response()[0] == 202
+        assert conn.at_eof()
+    finally:
+        conn.close()
+    assert json.loads(request(cluster.url(channel)).body)["message"] == "last words"
+
+
+def test_cors_on_the_fast_path(cluster):
+    channel = fresh()
+    conn = Conn(cluster)
+    try:
+        conn.send(put(channel, b"m", "Origin: http://page.example\r\n")
+                  + get(channel, 0, "Origin: http://page.example\r\n")
+                  + get(channel, 0, "Origin: http://bad\x0b.example\r\n"))
+        published, polled, odd = conn.response(), conn.response(), conn.response()
+    finally:
+        conn.close()
+    for answer in (published, polled):
+        assert answer[1]["access-control-allow-origin"] == "http://page.example"
+        assert answer[1]["vary"] == "Origin"
+    assert odd[0] == 200 and "access-control-allow-origin" not in odd[1]
+
+
+def test_endless_head_is_cut_off(cluster):
+    """A head that never ends is not buffered without bound: the connection is closed."""
+    conn = Conn(cluster)
+    try:
+        conn.send(f"GET {fresh()} HTTP/1.1\r\nHost: x\r\nX-Big: ".encode())
+        try:
+            for _ in range(64):
+                conn.send(b"y" * 16384)
+            answer = conn.response()
+        except (ConnectionResetError, BrokenPipeError):
+            answer = None
+    finally:
+        conn.close()
+    assert answer is None or answer[0] in (400, 431)
+    assert request(cluster.url(fresh()), "PUT", b"still serving").status == 202
+
+
+def test_waiting_poll_then_upgrade_to_event_stream(cluster):
+    """A long-poll answered on the fast path, then an event stream on the same connection."""
+    channel = fresh()
+    assert request(cluster.url(channel), "PUT", b"first").status == 202
+    conn = Conn(cluster)
+    try:
+        conn.send(get(channel, 0) + f"GET {channel} HTTP/1.1\r\nHost: x\r\n"
+                                    "Accept: text/event-stream\r\n\r\n".encode())
+        status, _, body = conn.response()
+        assert status == 200 and json.loads(body)["message"] == "first"
+        while b"data: first" not in conn.data:
+            assert conn._fill()
+        assert conn.data.startswith(b"HTTP/1.1 200")
+        assert b"text/event-stream" in conn.data
+    finally:
+        conn.close()

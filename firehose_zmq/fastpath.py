@@ -43,9 +43,10 @@ import time
 import tornado.httpserver
 import tornado.iostream
 
-from . import httpwire
+from . import httpwire, streamwire
 from .backend import BackendError
 from .httpwire import HttpError, Subscription
+from .streams import EVENT_STREAM_TYPE, EventStream
 
 log = logging.getLogger("firehose.edge")
 
@@ -57,6 +58,9 @@ _CRLF2 = b"\r\n\r\n"
 _OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
 _NO_CONTENT = b"HTTP/1.1 204 No Content\r\n"
 _ACCEPTED = b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nX-Firehose-Sequence: "
+_EVENT_STREAM = (b"HTTP/1.1 200 OK\r\nContent-Type: " + EVENT_STREAM_TYPE.encode()
+                 + b"; charset=utf-8\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n"
+                 b"Transfer-Encoding: chunked\r\n")
 
 
 class EdgeHTTPServer(tornado.httpserver.HTTPServer):
@@ -153,7 +157,7 @@ class FastConnection(asyncio.Protocol):
 
     __slots__ = ("_server", "_edge", "_address", "_transport", "_buf", "_busy", "_serving",
                  "_poll", "_cors", "_close_after", "_eof", "_writing_paused",
-                 "_reading_paused", "_handing_off", "_body", "_last_active")
+                 "_reading_paused", "_handing_off", "_body", "_last_active", "_stream")
 
     def __init__(self, server: EdgeHTTPServer, address):
         self._server = server
@@ -172,6 +176,7 @@ class FastConnection(asyncio.Protocol):
         self._handing_off = False
         self._body = None           # (head end, total length, channel, options) of a PUT
         self._last_active = time.monotonic()
+        self._stream = None         # the FastEventStream this connection has become
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -180,6 +185,8 @@ class FastConnection(asyncio.Protocol):
         self._server.fast_connections.add(self)
 
     def data_received(self, data):
+        if self._stream is not None:
+            return  # nothing more is read from an event stream's client
         self._buf += data
         if self._busy or self._writing_paused:
             if len(self._buf) > MAX_HEAD_BYTES + self._edge.limits.max_message_bytes:
@@ -190,8 +197,8 @@ class FastConnection(asyncio.Protocol):
 
     def eof_received(self):
         self._eof = True
-        if self._poll is not None:
-            return False  # the long-poll's client is gone: connection_lost cancels it
+        if self._poll is not None or self._stream is not None:
+            return False  # the waiting client is gone: connection_lost ends the wait
         if self._busy or self._buf:
             if not self._busy:
                 self._serve()
@@ -203,6 +210,8 @@ class FastConnection(asyncio.Protocol):
         self._server.fast_connections.discard(self)
         if self._poll is not None:
             self._poll.cancel()
+        if self._stream is not None:
+            self._stream.cancel()
         if not self._handing_off:
             self._edge.metrics.connection_closed(time.time())
 
@@ -292,13 +301,14 @@ class FastConnection(asyncio.Protocol):
             self._cors = b""
 
     def _start_long_poll(self, end: int, headers, path: str, query: str) -> bool:
-        if ("upgrade" in headers or "content-length" in headers or "transfer-encoding" in headers
-                or "text/event-stream" in headers.get("accept", "")):
+        if "upgrade" in headers or "content-length" in headers or "transfer-encoding" in headers:
             return False
         seq = _long_poll_sequence(query)
         channel = _channel(path) if seq is not None else None
         if channel is None:
             return False
+        if EVENT_STREAM_TYPE in headers.get("accept", ""):
+            return self._start_event_stream(end, headers, channel, seq)
         del self._buf[:end + 4]
         self._take_origin(headers)
         self._busy = True
@@ -307,6 +317,18 @@ class FastConnection(asyncio.Protocol):
         poll = edge.poll([Subscription(channel, seq, {})], self._polled)
         if self._busy:  # not answered at once
             self._poll = poll
+        return True
+
+    def _start_event_stream(self, end: int, headers, channel: str, seq: int) -> bool:
+        try:
+            resume = streamwire.parse_last_event_id(headers.get("last-event-id"))
+        except HttpError:
+            return False  # Tornado answers it
+        del self._buf[:end + 4]
+        self._take_origin(headers)
+        self._busy = True
+        subscription = Subscription(channel, seq if resume is None else resume, {})
+        self._stream = FastEventStream(self, self._edge, [subscription])
         return True
 
     def _take_publish(self, end: int, headers, path: str, query: str) -> bool:
@@ -359,10 +381,11 @@ class FastConnection(asyncio.Protocol):
 
     def _fail(self, exc: BackendError) -> None:
         status, reason = self._edge.backend_error_status(exc)
-        body = reason.replace("\n", " ").encode()
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-                f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n")
-        self._answer(head.encode() + self._cors + b"\r\n" + body)
+        self._answer(_error_answer(status, reason.replace("\n", " ").encode(), self._cors))
+
+    @property
+    def cors(self) -> bytes:
+        return self._cors
 
     def _polled(self, result, exc) -> None:
         if exc is not None:
@@ -379,6 +402,32 @@ class FastConnection(asyncio.Protocol):
         if exc is not None:
             return self._fail(exc)
         self._answer(b"%s%d\r\n%s\r\n" % (_ACCEPTED, future.result()["seq"], self._cors))
+
+    # -- event streams -------------------------------------------------------------
+
+    def stream_head(self) -> bytes:
+        return _EVENT_STREAM + self._cors + b"\r\n"
+
+    def stream_write(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(data)
+
+    def stream_buffered(self) -> int:
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
+    def stream_ended(self, answer: bytes) -> None:
+        """The event stream is over: write its last bytes and close."""
+        self._stream = None
+        self._close_after = True
+        self._answer(answer)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    @property
+    def peer(self) -> str:
+        return str(self._address[0]) if self._address else "?"
 
     # -- to Tornado ----------------------------------------------------------------
 
@@ -399,6 +448,71 @@ class FastConnection(asyncio.Protocol):
         transport.abort()
         self._transport = None
         self._server.serve_with_tornado(sock, self._address, prefix)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _chunked_channel_event(seq: int, data: bytes) -> bytes:
+    return _chunk(streamwire.channel_event(seq, data))
+
+
+class FastEventStream(EventStream):
+    """A single-channel event stream on a ``FastConnection`` (chunked, like Tornado's).
+
+    Each message's chunk is built once (``Item.encoded``) and the same bytes are
+    written to every stream of the channel.
+    """
+
+    def __init__(self, conn: FastConnection, edge, subscriptions):
+        super().__init__(edge, subscriptions, multiplexed=False)
+        self.conn = conn
+        self.peer = conn.peer
+        self._limit = edge.config.edge.stream_queue_limit_bytes
+        self._queued: list = []
+        self.task = asyncio.ensure_future(self.run())
+
+    def begin(self) -> None:
+        self._queued.append(self.conn.stream_head())
+
+    def write(self, chunk: bytes) -> None:
+        self._queued.append(_chunk(chunk))
+
+    def write_item(self, item) -> None:
+        self._queued.append(item.encoded(_chunked_channel_event))
+
+    def flush(self) -> None:
+        queued = self._queued
+        if queued:
+            self._queued = []
+            self.conn.stream_write(queued[0] if len(queued) == 1 else b"".join(queued))
+
+    def behind(self) -> bool:
+        return self.conn.stream_buffered() > self._limit
+
+    def drop(self) -> None:
+        self.conn.abort()
+
+    def cancel(self) -> None:
+        self.cut = True  # the client is gone: nothing more to write
+        super().cancel()
+
+    def conclude(self) -> None:
+        if self.cut:
+            return
+        if self.failed is not None and not self.started:
+            status, reason = self.edge.backend_error_status(self.failed)
+            body = reason.replace("\n", " ").encode()
+            self.conn.stream_ended(_error_answer(status, body, self.conn.cors))
+            return
+        self.conn.stream_ended(b"0\r\n\r\n")
+
+
+def _error_answer(status: int, body: bytes, cors: bytes) -> bytes:
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n")
+    return head.encode() + cors + b"\r\n" + body
 
 
 _REASONS = {400: "Bad Request", 413: "Payload Too Large", 503: "Service Unavailable"}

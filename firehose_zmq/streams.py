@@ -381,34 +381,64 @@ async def serve_event_stream(handler, edge, subscriptions, multiplexed: bool) ->
     limit = edge.config.edge.stream_max_channels
     if len(subscriptions) > limit:
         return handler.answer(400, f"an event stream may subscribe to at most {limit} channels")
-    await EventStream(handler, edge, subscriptions, multiplexed).run()
+    await HandlerEventStream(handler, edge, subscriptions, multiplexed).run()
 
 
 class EventStream:
-    """One ``text/event-stream`` response over one or more channels."""
+    """One ``text/event-stream`` response over one or more channels.
 
-    def __init__(self, handler, edge, subscriptions, multiplexed: bool):
-        self.handler = handler
+    The subscriptions, the replay, keep-alives and slow readers are here; the
+    subclasses own the connection: ``HandlerEventStream`` answers through a
+    Tornado handler, ``fastpath.FastEventStream`` writes to an asyncio transport.
+    """
+
+    def __init__(self, edge, subscriptions, multiplexed: bool):
         self.edge = edge
         self.subscriptions = subscriptions
         self.multiplexed = multiplexed
         self.positions = {sub.channel: sub.last_sequence for sub in subscriptions}
         self.listeners: list = []
-        self.outbox = Outbox(edge.config.edge.stream_queue_limit_bytes)
         self.done = asyncio.get_running_loop().create_future()
         self.started = False
         self.cut = False
         self.failed = None  # why the stream could not start (answered 503 instead)
-        self.unflushed = 0
         self._keepalive = None
 
+    # -- the connection (subclasses) -----------------------------------------------
+
+    def begin(self) -> None:
+        """Prepare the 200 answer's head; it goes out with the first flush."""
+        raise NotImplementedError
+
+    def write(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+    def write_item(self, item) -> None:
+        """Write one message of a single-channel stream."""
+        self.write(item.encoded(streamwire.channel_event))
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def behind(self) -> bool:
+        """True when the reader has more than the queue limit waiting for it."""
+        raise NotImplementedError
+
+    def drop(self) -> None:
+        """Close the connection at once (a slow reader)."""
+        raise NotImplementedError
+
+    def conclude(self) -> None:
+        """The stream has ended: finish the answer, or answer ``failed`` if nothing was sent."""
+        raise NotImplementedError
+
+    peer = "?"
+
+    # -- the stream ----------------------------------------------------------------
+
     async def run(self) -> None:
-        handler, edge = self.handler, self.edge
-        handler.set_status(200)
-        handler.set_header("Content-Type", EVENT_STREAM_TYPE + "; charset=utf-8")
-        handler.set_header("Cache-Control", "no-cache")
-        handler.set_header("X-Accel-Buffering", "no")
-        handler.poll_in_flight = self
+        edge = self.edge
+        self.begin()
         edge.streams.add(self)
         edge.metrics.incr(time.time(), "event_stream_opened")
         self.write(streamwire.retry_field(edge.config.edge.sse_retry_ms))
@@ -436,13 +466,7 @@ class EventStream:
         finally:
             self.end()
             edge.streams.discard(self)
-            handler.poll_in_flight = None
-        if handler.client_gone or self.cut:
-            return
-        if self.failed is not None and not self.started:
-            # Nothing was sent yet: say why, as a long-poll would.
-            return handler.answer_backend_error(self.failed)
-        handler.finish()
+        self.conclude()
 
     def end(self) -> None:
         _resolve(self.done)
@@ -463,24 +487,15 @@ class EventStream:
 
     def cut_slow(self) -> None:
         self.edge.metrics.incr(time.time(), "slow_readers_closed")
-        log.info("cutting an event stream to %s: %d bytes behind",
-                 self.handler.request.remote_ip, self.outbox.pending_bytes)
+        log.info("cutting an event stream to %s: its reader is too far behind", self.peer)
         self.cut = True
         self.end()
-        self.handler.request.connection.close()
-
-    def write(self, chunk: bytes) -> None:
-        self.handler.write(chunk)
-        self.unflushed += len(chunk)
-
-    def flush(self) -> None:
-        size, self.unflushed = self.unflushed, 0
-        self.outbox.track(self.handler.flush(), size)
+        self.drop()
 
     def on_items(self, listener, items) -> None:
         if self.done.done():
             return
-        if self.outbox.behind():
+        if self.behind():
             return self.cut_slow()
         for item in items:
             if self.multiplexed:
@@ -489,7 +504,7 @@ class EventStream:
                 self.write(streamwire.multiplex_event(event_id,
                                                       item.json_with_channel(listener.channel)))
             else:
-                self.write(item.encoded(streamwire.channel_event))
+                self.write_item(item)
         if self.started:
             self.flush()
 
@@ -511,8 +526,51 @@ class EventStream:
     def _keep_alive(self) -> None:
         if self.done.done():
             return
-        if self.outbox.behind():
+        if self.behind():
             return self.cut_slow()
         self.write(streamwire.KEEPALIVE_COMMENT)
         self.flush()
         self._schedule_keepalive()
+
+
+class HandlerEventStream(EventStream):
+    """An event stream answered through a Tornado ``RequestHandler``."""
+
+    def __init__(self, handler, edge, subscriptions, multiplexed: bool):
+        super().__init__(edge, subscriptions, multiplexed)
+        self.handler = handler
+        self.outbox = Outbox(edge.config.edge.stream_queue_limit_bytes)
+        self.unflushed = 0
+        self.peer = handler.request.remote_ip
+
+    def begin(self) -> None:
+        handler = self.handler
+        handler.set_status(200)
+        handler.set_header("Content-Type", EVENT_STREAM_TYPE + "; charset=utf-8")
+        handler.set_header("Cache-Control", "no-cache")
+        handler.set_header("X-Accel-Buffering", "no")
+        handler.poll_in_flight = self
+
+    def write(self, chunk: bytes) -> None:
+        self.handler.write(chunk)
+        self.unflushed += len(chunk)
+
+    def flush(self) -> None:
+        size, self.unflushed = self.unflushed, 0
+        self.outbox.track(self.handler.flush(), size)
+
+    def behind(self) -> bool:
+        return self.outbox.behind()
+
+    def drop(self) -> None:
+        self.handler.request.connection.close()
+
+    def conclude(self) -> None:
+        handler = self.handler
+        handler.poll_in_flight = None
+        if handler.client_gone or self.cut:
+            return
+        if self.failed is not None and not self.started:
+            # Nothing was sent yet: say why, as a long-poll would.
+            return handler.answer_backend_error(self.failed)
+        handler.finish()

@@ -1,10 +1,12 @@
-"""RFC 6455 framing (wsframe.py), without sockets."""
+"""RFC 6455 framing (wsframe.py), without sockets; and once against Tornado's client."""
 
+import asyncio
 import base64
 import os
 import random
 
 import pytest
+import tornado.websocket
 
 from firehose_zmq import wsframe as wf
 from firehose_zmq.httpwire import HttpError
@@ -375,3 +377,103 @@ def test_declared_length_over_the_limit_fails_before_the_payload():
     assert reader.feed(head[:4]) == []
     assert reader.feed(head[4:]) == [wf.ProtocolError(1009, "a message over 1000 bytes")]
 
+
+# -- Against Tornado's client -------------------------------------------------------
+
+async def echo_server_connection(reader, writer, log):
+    """A WebSocket echo server built on wsframe: text echoed, pings answered,
+    ``close-me`` closes with 4002; every event is appended to ``log``."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")[:-2]
+        method = request_line.split(" ")[0]
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        try:
+            accept = wf.handshake(method, headers)
+        except wf.HandshakeError as exc:
+            extra = "".join(f"{name}: {value}\r\n" for name, value in exc.headers)
+            writer.write(f"HTTP/1.1 {exc.status} No\r\n{extra}Content-Length: 0\r\n\r\n"
+                         .encode())
+            return
+        writer.write(wf.response_head(accept))
+        frames = wf.FrameReader(max_message_bytes=1 << 20)
+        closing = False
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            for event in frames.feed(data):
+                log.append(event)
+                if type(event) is wf.Text:
+                    if event.text == "close-me":
+                        writer.write(wf.encode_close(4002, "asked"))
+                        closing = True
+                    elif not closing:
+                        writer.write(wf.encode_text(event.text.encode()))
+                elif type(event) is wf.Ping:
+                    writer.write(wf.encode_pong(event.payload))
+                elif type(event) is wf.Close:
+                    if not closing:
+                        writer.write(wf.close_reply(event))
+                    return
+                elif type(event) is wf.ProtocolError:
+                    writer.write(wf.encode_close(event.code, event.reason))
+                    return
+    finally:
+        writer.close()
+
+
+async def tornado_client_session(timeout_s=10.0):
+    """Tornado's client talks to the echo server; returns what both sides saw."""
+    log = []
+    handlers = set()
+
+    async def on_connection(reader, writer):
+        handlers.add(asyncio.current_task())
+        await echo_server_connection(reader, writer, log)
+
+    server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"ws://127.0.0.1:{port}/channel"
+    seen = {}
+    try:
+        # The client offers permessage-deflate; the server does not accept it.
+        conn = await asyncio.wait_for(tornado.websocket.websocket_connect(
+            url, compression_options={}), timeout_s)
+        pongs = asyncio.Queue()
+        conn.on_pong = pongs.put_nowait
+        big = "x€" * 23334  # 70 KB of UTF-8: a 64-bit length, several reads
+        for text in ["hello", "", "é" * 63, big]:
+            await conn.write_message(text)
+            assert await asyncio.wait_for(conn.read_message(), timeout_s) == text
+        conn.ping(b"are you there")
+        assert await asyncio.wait_for(pongs.get(), timeout_s) == b"are you there"
+        conn.close(4001, "bye")
+        assert await asyncio.wait_for(conn.read_message(), timeout_s) is None
+        seen["client_close"] = (conn.close_code, conn.close_reason)
+
+        conn = await asyncio.wait_for(tornado.websocket.websocket_connect(url), timeout_s)
+        await conn.write_message("close-me")
+        assert await asyncio.wait_for(conn.read_message(), timeout_s) is None
+        seen["server_close"] = (conn.close_code, conn.close_reason)
+        conn.close()  # already closed by the server: only releases the client's side
+        await asyncio.wait_for(asyncio.gather(*handlers), timeout_s)
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), timeout_s)
+    seen["server_log"] = log
+    return seen
+
+
+def test_tornado_client_interoperates(run):
+    """Tornado's websocket_connect: handshake, echoes up to 70 KB, ping, both closes."""
+    seen = run(tornado_client_session(), timeout_s=30)
+    assert seen["client_close"] == (4001, None)  # the server echoes the code only
+    assert seen["server_close"] == (4002, "asked")
+    log = seen["server_log"]
+    assert wf.Close(4001, "bye") in log
+    assert log[-1] == wf.Close(4002, "")  # Tornado echoes the server's code
+    assert not any(isinstance(event, wf.ProtocolError) for event in log)

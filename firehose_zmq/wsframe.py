@@ -66,6 +66,8 @@ Protocol errors (the close code the server sends):
     frame's declared length, before its payload is buffered)
     ========================================================  ====
 
+Helpers: ``unmask(mask, payload)`` (RFC 6455 §5.3), ``may_send_close_code(code)``.
+
 Closing handshake: whoever closes first sends a close frame and waits (bounded)
 for the other's; the server then closes the TCP connection (RFC 6455 §7.1.1).
 """

@@ -44,7 +44,6 @@ import tornado.routing
 import tornado.websocket
 
 from . import httpwire, streamwire
-from .backend import BackendError
 from .fanout import Listener
 from .httpwire import HttpError
 
@@ -132,66 +131,39 @@ def wants_event_stream(request) -> bool:
 
 # -- WebSocket ---------------------------------------------------------------------
 
-class _Socket(tornado.websocket.WebSocketHandler):
-    """A Firehose WebSocket: ping/pong, subscriptions, bounded output.
+class SocketSession:
+    """The Firehose protocol of one WebSocket (PROTOCOL.md §6): ping/pong,
+    subscriptions, bounded output, whoever owns the frames.
 
-    Subclasses parse the upgrade URL (``url_subscriptions``) and the client's
-    frames (``parse_frame``), and say how a message becomes a frame.
+    ``link`` owns them: Tornado's handlers here (``_Socket``), or a fast-path
+    connection (``faststreams.FastWebSocket``). It provides ``send(payload)`` (one
+    text frame), ``send_item(channel, item)`` (a message's frame),
+    ``behind()`` (the reader is past the queue limit), ``close(code, reason)``
+    (a closing handshake), ``drop()`` (an unclean close) and ``peer``.
+    A single-channel session (``channel`` set) subscribes with its first
+    subscribe frame; a multiplexed one (``channel`` None) takes ``?subscribe=``
+    and multiplex frames.
     """
 
-    multiplexed = False
-    json_errors = False  # whether an upgrade URL error is answered as "Subscription failed"
-
-    def initialize(self, edge):
+    def __init__(self, edge, link, channel=None, url_params=None):
         self.edge = edge
+        self.link = link
+        self.channel = channel
+        self.multiplexed = channel is None
+        self.url_params = url_params or {}
         self.listeners: dict = {}  # channel -> Listener
-        self.outbox = Outbox(edge.config.edge.stream_queue_limit_bytes)
         self.ended = False
-        self.counted = False
-        self.initial_subscriptions = ()
 
-    def check_origin(self, origin: str) -> bool:
-        return self.edge.allows_origin(origin)
-
-    async def get(self, *args, **kwargs):
-        try:
-            self.initial_subscriptions = self.url_subscriptions()
-        except HttpError as exc:
-            self.set_status(exc.status)
-            if self.json_errors:
-                self.set_header("Content-Type", "application/json")
-                return self.finish(streamwire.subscription_failed_frame(exc.reason))
-            self.set_header("Content-Type", "text/plain; charset=utf-8")
-            return self.finish(exc.reason.replace("\n", " "))
-        await super().get(*args, **kwargs)
-
-    def url_subscriptions(self):
-        raise NotImplementedError
-
-    def parse_frame(self, text):
-        raise NotImplementedError
-
-    def frame_for(self, channel: str, item) -> bytes:
-        raise NotImplementedError
-
-    # -- lifecycle ---------------------------------------------------------------
-
-    async def open(self, *args, **kwargs):
+    async def open(self, initial_subscriptions=()) -> None:
         self.edge.streams.add(self)
         self.edge.metrics.incr(time.time(), "websocket_opened")
-        # Tornado's HTTP server saw the connection close when it was upgraded;
-        # it stays open, so it counts again until on_close.
-        self.edge.metrics.connections += 1
-        self.counted = True
-        if self.initial_subscriptions:
-            await self.subscribe(self.initial_subscriptions)
+        if initial_subscriptions:
+            await self.subscribe(initial_subscriptions)
 
-    def on_close(self):
+    def closed(self) -> None:
+        """The connection is gone."""
         self.end()
         self.edge.streams.discard(self)
-        if self.counted:
-            self.counted = False
-            self.edge.metrics.connections -= 1
 
     def end(self) -> None:
         """Stop every subscription of this socket."""
@@ -203,39 +175,42 @@ class _Socket(tornado.websocket.WebSocketHandler):
     def shutdown(self) -> None:
         """The edge is stopping: drop the connection (unclean, so clients reconnect)."""
         self.end()
-        connection = self.ws_connection
-        if connection is not None and connection.stream is not None:
-            connection.stream.close()
+        self.link.drop()
 
     def close_slow(self) -> None:
         self.edge.metrics.incr(time.time(), "slow_readers_closed")
-        log.info("closing a WebSocket from %s: %d bytes behind", self.request.remote_ip,
-                 self.outbox.pending_bytes)
+        log.info("closing a WebSocket from %s: its reader is too far behind", self.link.peer)
         self.end()
-        self.close(1008, "the client reads too slowly")
+        self.link.close(1008, "the client reads too slowly")
+
+    def frame_for(self, channel: str, item) -> bytes:
+        """The payload of a message's frame."""
+        return item.json_with_channel(channel) if self.multiplexed else item.json()
 
     # -- frames in ---------------------------------------------------------------
 
-    async def on_message(self, text):
+    async def on_message(self, text) -> None:
         if isinstance(text, bytes):
             result = streamwire.Ignored("binary frames are not part of the protocol")
+        elif self.multiplexed:
+            result = streamwire.parse_multiplex_frame(text)
         else:
-            result = self.parse_frame(text)
+            result = streamwire.parse_channel_frame(text, self.channel, self.url_params)
         if result is streamwire.PING:
-            self.send(streamwire.PONG_FRAME)
+            self.link.send(streamwire.PONG_FRAME)
         elif isinstance(result, streamwire.Subscribe):
             await self.subscribe(result.subscriptions)
         elif isinstance(result, streamwire.Unsubscribe):
             self.unsubscribe(result.channels)
         elif isinstance(result, streamwire.Rejected):
             self.count_bad_frame(result.reason)
-            self.send(streamwire.subscription_failed_frame(result.reason))
+            self.link.send(streamwire.subscription_failed_frame(result.reason))
         else:
             self.count_bad_frame(result.reason)
 
     def count_bad_frame(self, reason: str) -> None:
         self.edge.metrics.incr(time.time(), "websocket_bad_frames")
-        log.debug("bad frame from %s: %s", self.request.remote_ip, reason)
+        log.debug("bad frame from %s: %s", self.link.peer, reason)
 
     async def subscribe(self, subscriptions) -> None:
         """Subscribe to the channels not subscribed yet; returns once each has replayed."""
@@ -246,7 +221,7 @@ class _Socket(tornado.websocket.WebSocketHandler):
         if len(self.listeners) + len(fresh) > limit:
             reason = f"a socket may subscribe to at most {limit} channels"
             self.count_bad_frame(reason)
-            self.send(streamwire.subscription_failed_frame(reason))
+            self.link.send(streamwire.subscription_failed_frame(reason))
             return
         loop = asyncio.get_running_loop()
         now = time.time()
@@ -274,10 +249,10 @@ class _Socket(tornado.websocket.WebSocketHandler):
     def on_items(self, listener, items) -> None:
         if self.ended:
             return
-        if self.outbox.behind():
+        if self.link.behind():
             return self.close_slow()
         for item in items:
-            self.send(self.frame_for(listener.channel, item))
+            self.link.send_item(listener.channel, item)
 
     def on_error(self, listener, exc) -> None:
         if self.ended:
@@ -285,23 +260,92 @@ class _Socket(tornado.websocket.WebSocketHandler):
         if not _subscription_lost(listener):
             log.debug("filling a gap on %r failed: %s", listener.channel, exc)
             return
-        if listener.closed:
-            # A live subscription broke (its owner went down): drop the connection
-            # uncleanly; Firehose clients reconnect and resume from their sequences.
+        if listener.closed or not self.multiplexed:
+            # A live subscription broke (its owner went down), or a single-channel
+            # socket could not subscribe: drop the connection uncleanly; Firehose
+            # clients reconnect and resume from their sequences.
             log.info("WebSocket on %r: %s; dropping the connection", listener.channel, exc)
             self.shutdown()
             return
-        self.subscription_unavailable(listener, exc)
+        if self.listeners.get(listener.channel) is listener:
+            self.unsubscribe([listener.channel])
+        self.link.send(streamwire.subscription_failed_frame(f"Service unavailable: {exc}",
+                                                            listener.channel))
 
-    def subscription_unavailable(self, listener, exc: BackendError) -> None:
-        """A subscription could not be made (its first fetch failed)."""
+
+class _Socket(tornado.websocket.WebSocketHandler):
+    """A Firehose WebSocket served by Tornado: the ``link`` of a ``SocketSession``.
+
+    Subclasses parse the upgrade URL (``url_session``).
+    """
+
+    json_errors = False  # whether an upgrade URL error is answered as "Subscription failed"
+
+    def initialize(self, edge):
+        self.edge = edge
+        self.session = None
+        self.outbox = Outbox(edge.config.edge.stream_queue_limit_bytes)
+        self.counted = False
+        self.initial_subscriptions = ()
+
+    def check_origin(self, origin: str) -> bool:
+        return self.edge.allows_origin(origin)
+
+    async def get(self, *args, **kwargs):
+        try:
+            self.session, self.initial_subscriptions = self.url_session()
+        except HttpError as exc:
+            self.set_status(exc.status)
+            if self.json_errors:
+                self.set_header("Content-Type", "application/json")
+                return self.finish(streamwire.subscription_failed_frame(exc.reason))
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            return self.finish(exc.reason.replace("\n", " "))
+        await super().get(*args, **kwargs)
+
+    def url_session(self) -> tuple:
+        """(the session, its initial subscriptions) for the upgrade URL; raises HttpError."""
         raise NotImplementedError
+
+    @property
+    def peer(self) -> str:
+        return self.request.remote_ip
+
+    async def open(self, *args, **kwargs):
+        # Tornado's HTTP server saw the connection close when it was upgraded;
+        # it stays open, so it counts again until on_close.
+        self.edge.metrics.connections += 1
+        self.counted = True
+        await self.session.open(self.initial_subscriptions)
+
+    def on_close(self):
+        if self.session is not None:
+            self.session.closed()
+        if self.counted:
+            self.counted = False
+            self.edge.metrics.connections -= 1
+
+    async def on_message(self, text):
+        await self.session.on_message(text)
+
+    # -- the link ------------------------------------------------------------------
+
+    def drop(self) -> None:
+        connection = self.ws_connection
+        if connection is not None and connection.stream is not None:
+            connection.stream.close()
+
+    def behind(self) -> bool:
+        return self.outbox.behind()
+
+    def send_item(self, channel: str, item) -> None:
+        self.send(self.session.frame_for(channel, item))
 
     def send(self, frame: bytes) -> None:
         try:
             written = self.write_message(frame)
         except tornado.websocket.WebSocketClosedError:
-            self.end()
+            self.session.end()
             return
         self.outbox.track(written, len(frame))
 
@@ -309,50 +353,25 @@ class _Socket(tornado.websocket.WebSocketHandler):
 class ChannelSocket(_Socket):
     """A WebSocket on one channel: its first subscribe frame subscribes."""
 
-    def url_subscriptions(self):
-        self.channel = httpwire.channel_from_path(self.request.path)
-        if httpwire.is_reserved(self.channel):
-            raise HttpError(404, f"Unknown endpoint {self.channel}")
-        self.url_params = {name: self.get_query_argument(name)
-                           for name in self.request.query_arguments
-                           if name != "last_message_sequence"}
-        return ()
-
-    def parse_frame(self, text):
-        return streamwire.parse_channel_frame(text, self.channel, self.url_params)
-
-    def frame_for(self, channel: str, item) -> bytes:
-        return item.json()
-
-    def subscription_unavailable(self, listener, exc) -> None:
-        # An unclean close: the Firehose JavaScript client reconnects and resumes.
-        log.info("WebSocket on %r: %s; dropping the connection", listener.channel, exc)
-        self.shutdown()
+    def url_session(self) -> tuple:
+        channel = httpwire.channel_from_path(self.request.path)
+        if httpwire.is_reserved(channel):
+            raise HttpError(404, f"Unknown endpoint {channel}")
+        url_params = {name: self.get_query_argument(name)
+                      for name in self.request.query_arguments
+                      if name != "last_message_sequence"}
+        return SocketSession(self.edge, self, channel, url_params), ()
 
 
 class MultiplexSocket(_Socket):
     """A WebSocket on ``/channels@firehose``: ``?subscribe=`` and multiplex frames."""
 
-    multiplexed = True
     json_errors = True
 
-    def url_subscriptions(self):
+    def url_session(self) -> tuple:
         value = self.get_query_argument("subscribe", None)
-        if not value:
-            return ()
-        return httpwire.parse_subscribe_query(value)
-
-    def parse_frame(self, text):
-        return streamwire.parse_multiplex_frame(text)
-
-    def frame_for(self, channel: str, item) -> bytes:
-        return item.json_with_channel(channel)
-
-    def subscription_unavailable(self, listener, exc) -> None:
-        if self.listeners.get(listener.channel) is listener:
-            self.unsubscribe([listener.channel])
-        self.send(streamwire.subscription_failed_frame(f"Service unavailable: {exc}",
-                                                       listener.channel))
+        subscriptions = httpwire.parse_subscribe_query(value) if value else ()
+        return SocketSession(self.edge, self), subscriptions
 
 
 # -- Server-Sent Events --------------------------------------------------------------

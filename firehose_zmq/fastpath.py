@@ -43,10 +43,11 @@ import time
 import tornado.httpserver
 import tornado.iostream
 
-from . import httpwire, streamwire
+from . import httpwire, streamwire, wsframe
 from .backend import BackendError
+from .faststreams import FastEventStream, FastWebSocket
 from .httpwire import HttpError, Subscription
-from .streams import EVENT_STREAM_TYPE, EventStream
+from .streams import EVENT_STREAM_TYPE
 
 log = logging.getLogger("firehose.edge")
 
@@ -176,7 +177,7 @@ class FastConnection(asyncio.Protocol):
         self._handing_off = False
         self._body = None           # (head end, total length, channel, options) of a PUT
         self._last_active = time.monotonic()
-        self._stream = None         # the FastEventStream this connection has become
+        self._stream = None         # the event stream or WebSocket this connection has become
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -186,7 +187,7 @@ class FastConnection(asyncio.Protocol):
 
     def data_received(self, data):
         if self._stream is not None:
-            return  # nothing more is read from an event stream's client
+            return self._stream.feed(data)
         self._buf += data
         if self._busy or self._writing_paused:
             if len(self._buf) > MAX_HEAD_BYTES + self._edge.limits.max_message_bytes:
@@ -211,7 +212,7 @@ class FastConnection(asyncio.Protocol):
         if self._poll is not None:
             self._poll.cancel()
         if self._stream is not None:
-            self._stream.cancel()
+            self._stream.gone()
         if not self._handing_off:
             self._edge.metrics.connection_closed(time.time())
 
@@ -301,12 +302,15 @@ class FastConnection(asyncio.Protocol):
             self._cors = b""
 
     def _start_long_poll(self, end: int, headers, path: str, query: str) -> bool:
-        if "upgrade" in headers or "content-length" in headers or "transfer-encoding" in headers:
+        if "content-length" in headers or "transfer-encoding" in headers:
             return False
         seq = _long_poll_sequence(query)
         channel = _channel(path) if seq is not None else None
         if channel is None:
             return False
+        upgrade = headers.get("upgrade")
+        if upgrade is not None:
+            return upgrade.lower() == "websocket" and self._start_websocket(end, headers, channel)
         if EVENT_STREAM_TYPE in headers.get("accept", ""):
             return self._start_event_stream(end, headers, channel, seq)
         del self._buf[:end + 4]
@@ -328,7 +332,25 @@ class FastConnection(asyncio.Protocol):
         self._take_origin(headers)
         self._busy = True
         subscription = Subscription(channel, seq if resume is None else resume, {})
-        self._stream = FastEventStream(self, self._edge, [subscription])
+        self._stream = FastEventStream(self, self._edge, [subscription],
+                                       _EVENT_STREAM + self._cors + b"\r\n", self._error_answer)
+        return True
+
+    def _start_websocket(self, end: int, headers, channel: str) -> bool:
+        origin = headers.get("origin")
+        if origin and not self._edge.allows_origin(origin):
+            return False  # Tornado refuses it
+        try:
+            accept = wsframe.handshake("GET", headers)
+        except HttpError:
+            return False  # Tornado answers it
+        del self._buf[:end + 4]
+        self._busy = True
+        self._transport.write(wsframe.response_head(accept))
+        self._stream = FastWebSocket(self, self._edge, channel)
+        if self._buf:
+            early, self._buf = bytes(self._buf), bytearray()
+            self._stream.feed(early)
         return True
 
     def _take_publish(self, end: int, headers, path: str, query: str) -> bool:
@@ -379,13 +401,14 @@ class FastConnection(asyncio.Protocol):
         elif self._buf and not self._serving:
             self._serve()
 
-    def _fail(self, exc: BackendError) -> None:
-        status, reason = self._edge.backend_error_status(exc)
-        self._answer(_error_answer(status, reason.replace("\n", " ").encode(), self._cors))
+    def _error_answer(self, status: int, reason: str) -> bytes:
+        body = reason.replace("\n", " ").encode()
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+                f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n")
+        return head.encode() + self._cors + b"\r\n" + body
 
-    @property
-    def cors(self) -> bytes:
-        return self._cors
+    def _fail(self, exc: BackendError) -> None:
+        self._answer(self._error_answer(*self._edge.backend_error_status(exc)))
 
     def _polled(self, result, exc) -> None:
         if exc is not None:
@@ -404,9 +427,6 @@ class FastConnection(asyncio.Protocol):
         self._answer(b"%s%d\r\n%s\r\n" % (_ACCEPTED, future.result()["seq"], self._cors))
 
     # -- event streams -------------------------------------------------------------
-
-    def stream_head(self) -> bytes:
-        return _EVENT_STREAM + self._cors + b"\r\n"
 
     def stream_write(self, data: bytes) -> None:
         if self._transport is not None:
@@ -448,71 +468,6 @@ class FastConnection(asyncio.Protocol):
         transport.abort()
         self._transport = None
         self._server.serve_with_tornado(sock, self._address, prefix)
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-def _chunked_channel_event(seq: int, data: bytes) -> bytes:
-    return _chunk(streamwire.channel_event(seq, data))
-
-
-class FastEventStream(EventStream):
-    """A single-channel event stream on a ``FastConnection`` (chunked, like Tornado's).
-
-    Each message's chunk is built once (``Item.encoded``) and the same bytes are
-    written to every stream of the channel.
-    """
-
-    def __init__(self, conn: FastConnection, edge, subscriptions):
-        super().__init__(edge, subscriptions, multiplexed=False)
-        self.conn = conn
-        self.peer = conn.peer
-        self._limit = edge.config.edge.stream_queue_limit_bytes
-        self._queued: list = []
-        self.task = asyncio.ensure_future(self.run())
-
-    def begin(self) -> None:
-        self._queued.append(self.conn.stream_head())
-
-    def write(self, chunk: bytes) -> None:
-        self._queued.append(_chunk(chunk))
-
-    def write_item(self, item) -> None:
-        self._queued.append(item.encoded(_chunked_channel_event))
-
-    def flush(self) -> None:
-        queued = self._queued
-        if queued:
-            self._queued = []
-            self.conn.stream_write(queued[0] if len(queued) == 1 else b"".join(queued))
-
-    def behind(self) -> bool:
-        return self.conn.stream_buffered() > self._limit
-
-    def drop(self) -> None:
-        self.conn.abort()
-
-    def cancel(self) -> None:
-        self.cut = True  # the client is gone: nothing more to write
-        super().cancel()
-
-    def conclude(self) -> None:
-        if self.cut:
-            return
-        if self.failed is not None and not self.started:
-            status, reason = self.edge.backend_error_status(self.failed)
-            body = reason.replace("\n", " ").encode()
-            self.conn.stream_ended(_error_answer(status, body, self.conn.cors))
-            return
-        self.conn.stream_ended(b"0\r\n\r\n")
-
-
-def _error_answer(status: int, body: bytes, cors: bytes) -> bytes:
-    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n")
-    return head.encode() + cors + b"\r\n" + body
 
 
 _REASONS = {400: "Bad Request", 413: "Payload Too Large", 503: "Service Unavailable"}

@@ -212,3 +212,65 @@ def test_waiting_poll_then_upgrade_to_event_stream(cluster):
         assert b"text/event-stream" in conn.data
     finally:
         conn.close()
+
+
+def _masked_text(payload: bytes) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    assert len(payload) < 126
+    return bytes((0x81, 0x80 | len(payload))) + mask + bytes(
+        b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _server_frame(conn: Conn):
+    """(opcode, payload) of the next unmasked server frame (short frames only)."""
+    while len(conn.data) < 2 or len(conn.data) < 2 + (conn.data[1] & 0x7F):
+        assert conn._fill(), "closed before a whole frame"
+    opcode, length = conn.data[0] & 0x0F, conn.data[1] & 0x7F
+    assert length < 126
+    payload, conn.data = conn.data[2:2 + length], conn.data[2 + length:]
+    return opcode, payload
+
+
+def test_websocket_upgrade_after_a_publish_on_the_same_connection(cluster):
+    """A publish, then an upgrade on the same connection: the socket replays and
+    streams, answers a JSON ping, and echoes the client's close code."""
+    channel = fresh()
+    conn = Conn(cluster)
+    try:
+        conn.send(put(channel, b"before")
+                  + f"GET {channel} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+        assert conn.response()[0] == 202
+        while b"\r\n\r\n" not in conn.data:
+            assert conn._fill()
+        head, _, conn.data = conn.data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+        conn.send(_masked_text(b'{"message_sequence":0}') + _masked_text(b'{"ping":"PING"}'))
+        assert _server_frame(conn) == (0x1, b'{"message":"before","last_sequence":1}')
+        assert _server_frame(conn) == (0x1, b'{"pong":"PONG"}')
+        assert request(cluster.url(channel), "PUT", b"after").status == 202
+        assert _server_frame(conn) == (0x1, b'{"message":"after","last_sequence":2}')
+        conn.send(b"\x88\x82\x00\x00\x00\x00\x0f\xa1")  # close 4001, mask of zeros
+        assert _server_frame(conn) == (0x8, b"\x0f\xa1")
+        assert conn.at_eof()
+    finally:
+        conn.close()
+
+
+def test_unmasked_client_frame_closes_with_1002(cluster):
+    conn = Conn(cluster)
+    try:
+        conn.send(f"GET {fresh()} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+        while b"\r\n\r\n" not in conn.data:
+            assert conn._fill()
+        conn.data = conn.data.partition(b"\r\n\r\n")[2]
+        conn.send(b"\x81\x02hi")
+        opcode, payload = _server_frame(conn)
+        assert opcode == 0x8 and payload[:2] == b"\x03\xea"  # 1002
+        assert conn.at_eof()
+    finally:
+        conn.close()

@@ -3,19 +3,34 @@
 
     python bench/floor.py tornado --port 8097 --pidfile /tmp/floor.pid
     python bench/floor.py asyncio --port 8097 --pidfile /tmp/floor.pid
+    python bench/floor.py zmq --port 8097 --pidfile /tmp/floor.pid [--uvloop]
 
 Every request is answered at once: ``PUT`` with ``202`` and an empty body, anything
 else with ``204``. ``tornado`` answers through Tornado's ``HTTPServer`` and a bare
 ``HTTPServerConnectionDelegate`` (the interface the edge's fast path uses, so no
 ``RequestHandler``); ``asyncio`` parses HTTP/1.1 itself on a raw ``asyncio.Protocol``.
 Driving either with ``lpbench.py publish --proto firehose`` measures the server CPU
-a request costs before any work of ours: the floor under the edge's figures. The
-process stops by itself after ``--lifetime`` seconds.
+a request costs before any work of ours: the floor under the edge's figures.
+
+``zmq`` is the floor of our architecture's publish: the ``asyncio`` server, but
+every ``PUT`` goes as one msgpack request over a DEALER to a child process
+(``echo``: a ROUTER that counts a sequence per channel and replies) and is
+answered when the reply is back. No storage, no validation, no fan-out: one
+HTTP request and one ZeroMQ round trip between two processes. lpbench counts the
+child's CPU too (it is a descendant of the pid in the pidfile).
+
+The process stops by itself after ``--lifetime`` seconds.
 """
 
 import argparse
 import asyncio
+import itertools
 import os
+import subprocess
+import sys
+
+import msgpack
+import zmq
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
@@ -73,27 +88,120 @@ class _RawHTTP(asyncio.Protocol):
                 self._transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
 
 
+class _ZmqHop(_RawHTTP):
+    """``_RawHTTP`` whose PUTs are answered after a round trip to the echo process."""
+
+    hop = None  # the _Hop shared by every connection
+
+    def data_received(self, data):
+        self._buffer += data
+        while True:
+            head_end = self._buffer.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head = self._buffer[:head_end]
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            end = head_end + 4 + length
+            if len(self._buffer) < end:
+                return
+            body = self._buffer[head_end + 4:end]
+            self._buffer = self._buffer[end:]
+            if head.startswith(b"PUT "):
+                self.hop.publish(head.split(b" ", 2)[1], body, self._transport)
+            else:
+                self._transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+
+class _Hop:
+    """The DEALER to the echo process and the transports waiting for its replies."""
+
+    def __init__(self, loop, endpoint: str):
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock.connect(endpoint)
+        self._ids = itertools.count()
+        self._waiting: dict = {}
+        self._loop = loop
+        loop.add_reader(self._sock.FD, self._drain)
+
+    def publish(self, channel: bytes, data: bytes, transport) -> None:
+        request_id = next(self._ids)
+        self._waiting[request_id] = transport
+        self._sock.send(msgpack.packb({"id": request_id, "op": "publish",
+                                       "channel": channel, "data": data}), zmq.NOBLOCK)
+        self._loop.call_soon(self._drain)  # a send may take the FD's edge
+
+    def _drain(self) -> None:
+        while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            reply = msgpack.unpackb(self._sock.recv(zmq.NOBLOCK))
+            transport = self._waiting.pop(reply["id"])
+            transport.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n"
+                            b"X-Firehose-Sequence: %d\r\n\r\n" % reply["seq"])
+
+
+def echo() -> int:
+    """The child of ``zmq``: a ROUTER that numbers each channel's publishes. It ends
+    when its parent does."""
+    parent = os.getppid()
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    print(port, flush=True)
+    sequences: dict = {}
+    while os.getppid() == parent:
+        if not sock.poll(500):
+            continue
+        peer, body = sock.recv_multipart()
+        request = msgpack.unpackb(body)
+        seq = sequences[request["channel"]] = sequences.get(request["channel"], 0) + 1
+        sock.send_multipart([peer, msgpack.packb({"id": request["id"], "ok": True,
+                                                  "seq": seq})])
+    return 0
+
+
 async def serve(kind: str, port: int, lifetime_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    child = None
     if kind == "tornado":
         server = HTTPServer(_Delegate())
         server.listen(port, "127.0.0.1")
+    elif kind == "zmq":
+        child = subprocess.Popen([sys.executable, __file__, "echo", "--port", "0"],
+                                 stdout=subprocess.PIPE)
+        echo_port = int(child.stdout.readline())
+        _ZmqHop.hop = _Hop(loop, f"tcp://127.0.0.1:{echo_port}")
+        server = await loop.create_server(_ZmqHop, "127.0.0.1", port)
     else:
-        server = await asyncio.get_running_loop().create_server(_RawHTTP, "127.0.0.1", port)
+        server = await loop.create_server(_RawHTTP, "127.0.0.1", port)
+    try:
+        await asyncio.sleep(lifetime_s)
+    finally:
+        if child is not None:
+            child.kill()
+            child.wait()
     await asyncio.sleep(lifetime_s)
     server.close()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["tornado", "asyncio"])
+    parser.add_argument("kind", choices=["tornado", "asyncio", "zmq", "echo"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--pidfile", help="write this process's pid here")
     parser.add_argument("--lifetime", type=float, default=120.0, help="seconds, then exit")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (as the edge does)")
     args = parser.parse_args(argv)
+    if args.kind == "echo":
+        return echo()
     if args.pidfile:
         with open(args.pidfile, "w") as f:
             f.write(str(os.getpid()))
-    asyncio.run(serve(args.kind, args.port, args.lifetime))
+    if args.uvloop:
+        import uvloop
+        uvloop.run(serve(args.kind, args.port, args.lifetime))
+    else:
+        asyncio.run(serve(args.kind, args.port, args.lifetime))
     return 0
 
 

@@ -153,6 +153,11 @@ def _channel(path: str):
     return None if httpwire.is_reserved(channel) else channel
 
 
+def _ok_answer(seq: int, data: bytes) -> bytes:
+    body = httpwire.message_json(data, seq)
+    return b"%s%d\r\n\r\n%s" % (_OK_JSON, len(body), body)
+
+
 class FastConnection(asyncio.Protocol):
     """One client connection while it asks only for long-polls and publishes."""
 
@@ -417,8 +422,11 @@ class FastConnection(asyncio.Protocol):
             if self._transport is not None:
                 self._edge.metrics.incr(time.time(), "timeouts")
             return self._answer(_NO_CONTENT + self._cors + b"\r\n")
-        body = result[1].json()
-        self._answer(b"%s%d\r\n%s\r\n%s" % (_OK_JSON, len(body), self._cors, body))
+        item = result[1]
+        if self._cors:
+            body = item.json()
+            return self._answer(b"%s%d\r\n%s\r\n%s" % (_OK_JSON, len(body), self._cors, body))
+        self._answer(item.encoded(_ok_answer))  # the same bytes for every waiter
 
     def _published(self, future) -> None:
         exc = future.exception()

@@ -370,9 +370,13 @@ class Poll:
             return
         self.done = True
         self._timeouts.discard(self)
-        for listener in self._listeners:
+        listeners, self._listeners = self._listeners, ()
+        for listener in listeners:
             self._fanout.remove(listener)
-        self.on_done(result, exc)
+        # No cycle is left (poll -> listener -> bound method -> poll): the poll is
+        # freed by reference counting, not by the cyclic collector.
+        on_done, self.on_done = self.on_done, None
+        on_done(result, exc)
 
     def expire(self) -> None:
         """The long-poll timeout passed: end with no message."""

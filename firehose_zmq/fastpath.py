@@ -55,6 +55,7 @@ MAX_HEAD_BYTES = 65536  # a longer request head goes to Tornado, which refuses i
 IDLE_SWEEP_S = 60.0
 
 _SEQUENCE_PARAM = "last_message_sequence="
+_POLL_HEADS_MAX = 4096
 _CRLF2 = b"\r\n\r\n"
 _OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
 _NO_CONTENT = b"HTTP/1.1 204 No Content\r\n"
@@ -70,6 +71,10 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
     def initialize(self, edge, app, **kwargs):
         self.edge = edge
         self.fast_connections: set = set()
+        # Plain long-poll heads already parsed and accepted, with what they ask for
+        # (channel, sequence, CORS headers, Connection: close): clients re-poll
+        # with the same head, and the subscribers of a channel send identical ones.
+        self.poll_heads: dict = {}
         self._idle_timeout_s = kwargs.get("idle_connection_timeout") or 3600.0
         self._sweeper = None
         super().initialize(app, **kwargs)
@@ -272,7 +277,14 @@ class FastConnection(asyncio.Protocol):
                 self._transport.close()
             return False
         self._last_active = time.monotonic()
-        lines = buf[:end].decode("latin-1").split("\r\n")
+        head = bytes(buf[:end])
+        known = self._server.poll_heads.get(head)
+        if known is not None:  # a long-poll head seen before: parsed and checked then
+            del buf[:end + 4]
+            channel, seq, self._cors, self._close_after = known
+            self._begin_poll(channel, seq)
+            return True
+        lines = head.decode("latin-1").split("\r\n")
         request_line = lines[0].split(" ")
         if len(request_line) != 3 or request_line[2] != "HTTP/1.1":
             self._hand_off()
@@ -318,15 +330,22 @@ class FastConnection(asyncio.Protocol):
             return upgrade.lower() == "websocket" and self._start_websocket(end, headers, channel)
         if EVENT_STREAM_TYPE in headers.get("accept", ""):
             return self._start_event_stream(end, headers, channel, seq)
-        del self._buf[:end + 4]
+        known = self._server.poll_heads
+        if len(known) >= _POLL_HEADS_MAX:
+            known.clear()
         self._take_origin(headers)
+        known[bytes(self._buf[:end])] = (channel, seq, self._cors, self._close_after)
+        del self._buf[:end + 4]
+        self._begin_poll(channel, seq)
+        return True
+
+    def _begin_poll(self, channel: str, seq: int) -> None:
         self._busy = True
         edge = self._edge
         edge.metrics.incr(time.time(), "subscribed", channel)
         poll = edge.poll([Subscription(channel, seq, {})], self._polled)
         if self._busy:  # not answered at once
             self._poll = poll
-        return True
 
     def _start_event_stream(self, end: int, headers, channel: str, seq: int) -> bool:
         try:

@@ -136,6 +136,7 @@ class WorkerLink:
         self.alive = False
         self.ping_in_flight = False
         self.pending: dict = {}  # request id -> Pending
+        self.outgoing: list = []  # (request id, body) to send at the end of this loop turn
 
 
 class Pending:
@@ -176,6 +177,7 @@ class Backend:
         # timeout, so each link's pending requests (in sending order) are also in
         # deadline order, and the timer only has to be due at the oldest one.
         self._sweep = None
+        self._send_scheduled = False
         self.rejected_frames = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -262,17 +264,40 @@ class Backend:
         else:
             request = {"id": request_id, **request}
         body = protocol.encode_request(request)
-        try:
-            _zmq_send(link.dealer, body, _NOBLOCK)
-        except zmq.Again:
-            future.set_exception(WorkerUnavailable(f"worker {worker_id} is not connected"))
-            return future
         deadline = self._loop.time() + self._timeout_s
         link.pending[request_id] = Pending(future, deadline, body if retries else None, retries)
         if self._sweep is None:
             self._sweep = self._loop.call_at(deadline, self._expire_due)
-        link.reader.soon()
+        # Requests made in one loop turn leave together, at its end: each send that
+        # finds ZeroMQ's I/O thread asleep has to wake it, which costs more than
+        # the send itself.
+        link.outgoing.append((request_id, body))
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            self._loop.call_soon(self._send_outgoing)
         return future
+
+    def _send_outgoing(self) -> None:
+        self._send_scheduled = False
+        for link in self._links.values():
+            if not link.outgoing:
+                continue
+            outgoing, link.outgoing = link.outgoing, []
+            dealer = link.dealer
+            for request_id, body in outgoing:
+                entry = link.pending.get(request_id)
+                if entry is None:
+                    continue  # failed meanwhile (the worker went down, the edge is closing)
+                try:
+                    if dealer.closed:
+                        raise zmq.Again()
+                    _zmq_send(dealer, body, _NOBLOCK)
+                except zmq.Again:
+                    del link.pending[request_id]
+                    if not entry.future.done():
+                        entry.future.set_exception(
+                            WorkerUnavailable(f"worker {link.id} is not connected"))
+            link.reader.soon()
 
     def pending_publishes(self) -> list:
         """The futures of every publish still waiting for its reply."""

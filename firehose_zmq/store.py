@@ -50,6 +50,9 @@ import zmq
 
 log = logging.getLogger("firehose.store")
 
+_EVENTS = int(zmq.EVENTS)  # plain ints: pyzmq's enums cost an enum operation per use
+_POLLIN = int(zmq.POLLIN)
+
 SCHEMA_VERSION = 2
 
 # Every table is one b-tree clustered on the key it is written and trimmed by, so a
@@ -379,7 +382,7 @@ class StoreWriter:
 
         Raises StoreError once the writer has failed (it commits nothing more)."""
         notify = self.notify_socket
-        while not notify.closed and notify.get(zmq.EVENTS) & zmq.POLLIN:
+        while not notify.closed and notify.get(_EVENTS) & _POLLIN:
             try:
                 frame = notify.recv(zmq.NOBLOCK)
             except zmq.Again:

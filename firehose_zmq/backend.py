@@ -57,6 +57,7 @@ _DEADLINE_MARGIN_S = 0.5
 # A timer may run up to a clock tick early (uvloop's are in milliseconds); a
 # deadline that close counts as come.
 _TIMER_SLACK_S = 0.001
+_MAX_CACHED_OWNERS = 65536
 
 
 class BackendError(Exception):
@@ -178,6 +179,7 @@ class Backend:
         # deadline order, and the timer only has to be due at the oldest one.
         self._sweep = None
         self._send_scheduled = False
+        self._owners: dict = {}  # channel -> owner, for the channels seen lately
         self.rejected_frames = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -230,7 +232,13 @@ class Backend:
     # -- routing ---------------------------------------------------------------
 
     def owner(self, channel: str) -> str:
-        return self.ring.owner(channel)
+        owner = self._owners.get(channel)
+        if owner is None:
+            owner = self.ring.owner(channel)
+            if len(self._owners) >= _MAX_CACHED_OWNERS:
+                self._owners.clear()
+            self._owners[channel] = owner
+        return owner
 
     def is_up(self, worker_id: str) -> bool:
         return self._links[worker_id].alive
@@ -240,7 +248,7 @@ class Backend:
 
     def request(self, channel: str, op: str, **fields) -> asyncio.Future:
         """Send ``op`` for ``channel`` to its owner; the future gets the reply map."""
-        return self.call(self.ring.owner(channel), {"op": op, "channel": channel, **fields})
+        return self.call(self.owner(channel), {"op": op, "channel": channel, **fields})
 
     def call(self, worker_id: str, request: dict, force: bool = False) -> asyncio.Future:
         """Send a request to one worker; the future gets the reply or a BackendError.

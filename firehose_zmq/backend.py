@@ -42,9 +42,22 @@ from .ring import Ring
 log = logging.getLogger("firehose.backend")
 
 _BATCH = 512
+# Plain ints and the Cython methods below pyzmq's Python wrappers: every request
+# and reply crosses these, and the wrappers (and flag enums) cost more than the calls.
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
+_zmq_send = zmq.backend.Socket.send
+_zmq_recv = zmq.backend.Socket.recv
+_zmq_get = zmq.backend.Socket.get
 # The worker is told to refuse a publish this long before the edge gives up on it,
 # so that an accepted publish's reply has time to arrive.
 _DEADLINE_MARGIN_S = 0.5
+# A timer may run up to a clock tick early (uvloop's are in milliseconds); a
+# deadline that close counts as come.
+_TIMER_SLACK_S = 0.001
+_MAX_CACHED_OWNERS = 65536
 
 
 class BackendError(Exception):
@@ -84,10 +97,12 @@ class SocketReader:
         if sock.closed:
             return
         for _ in range(_BATCH):
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not _zmq_get(sock, _EVENTS) & _POLLIN:
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = [_zmq_recv(sock, _NOBLOCK)]
+                while _zmq_get(sock, _RCVMORE):
+                    frames.append(_zmq_recv(sock, _NOBLOCK))
             except zmq.Again:
                 return
             try:
@@ -122,14 +137,16 @@ class WorkerLink:
         self.alive = False
         self.ping_in_flight = False
         self.pending: dict = {}  # request id -> Pending
+        self.outgoing: list = []  # (request id, body) to send at the end of this loop turn
 
 
 class Pending:
-    """A request waiting for its reply; ``body`` is kept for a publish's one retry."""
+    """A request waiting for its reply until ``deadline`` (loop time); ``body`` is kept
+    for a publish's one retry."""
 
     __slots__ = ("future", "deadline", "body", "retries_left")
 
-    def __init__(self, future, deadline, body, retries_left: int):
+    def __init__(self, future, deadline: float, body, retries_left: int):
         self.future = future
         self.deadline = deadline
         self.body = body
@@ -157,6 +174,12 @@ class Backend:
         self._sub = None
         self._sub_reader = None
         self._heartbeat = None
+        # One timer for every request's deadline: every request waits the same
+        # timeout, so each link's pending requests (in sending order) are also in
+        # deadline order, and the timer only has to be due at the oldest one.
+        self._sweep = None
+        self._send_scheduled = False
+        self._owners: dict = {}  # channel -> owner, for the channels seen lately
         self.rejected_frames = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -192,6 +215,9 @@ class Backend:
     def close(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for link in self._links.values():
             self._fail_pending(link, "the edge is shutting down")
             for reader, sock in ((link.reader, link.dealer), (link.monitor_reader, link.monitor)):
@@ -206,7 +232,13 @@ class Backend:
     # -- routing ---------------------------------------------------------------
 
     def owner(self, channel: str) -> str:
-        return self.ring.owner(channel)
+        owner = self._owners.get(channel)
+        if owner is None:
+            owner = self.ring.owner(channel)
+            if len(self._owners) >= _MAX_CACHED_OWNERS:
+                self._owners.clear()
+            self._owners[channel] = owner
+        return owner
 
     def is_up(self, worker_id: str) -> bool:
         return self._links[worker_id].alive
@@ -216,7 +248,7 @@ class Backend:
 
     def request(self, channel: str, op: str, **fields) -> asyncio.Future:
         """Send ``op`` for ``channel`` to its owner; the future gets the reply map."""
-        return self.call(self.ring.owner(channel), {"op": op, "channel": channel, **fields})
+        return self.call(self.owner(channel), {"op": op, "channel": channel, **fields})
 
     def call(self, worker_id: str, request: dict, force: bool = False) -> asyncio.Future:
         """Send a request to one worker; the future gets the reply or a BackendError.
@@ -232,31 +264,73 @@ class Backend:
         retries = 0
         if request.get("op") == "publish":
             retries = 1
-            request = {"publish_id": f"{self._publish_id_prefix}-{request_id}",
+            request = {"id": request_id,
+                       "publish_id": f"{self._publish_id_prefix}-{request_id}",
                        "deadline_ms": int(1000 * (time.time() + self._timeout_s
                                                   - min(_DEADLINE_MARGIN_S, self._timeout_s / 4))),
                        **request}
-        body = protocol.encode_request({"id": request_id, **request})
-        try:
-            link.dealer.send(body, zmq.NOBLOCK)
-        except zmq.Again:
-            future.set_exception(WorkerUnavailable(f"worker {worker_id} is not connected"))
-            return future
-        deadline = self._loop.call_later(self._timeout_s, self._expire, link, request_id)
+        else:
+            request = {"id": request_id, **request}
+        body = protocol.encode_request(request)
+        deadline = self._loop.time() + self._timeout_s
         link.pending[request_id] = Pending(future, deadline, body if retries else None, retries)
-        link.reader.soon()
+        if self._sweep is None:
+            self._sweep = self._loop.call_at(deadline, self._expire_due)
+        # Requests made in one loop turn leave together, at its end: each send that
+        # finds ZeroMQ's I/O thread asleep has to wake it, which costs more than
+        # the send itself.
+        link.outgoing.append((request_id, body))
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            self._loop.call_soon(self._send_outgoing)
         return future
+
+    def _send_outgoing(self) -> None:
+        self._send_scheduled = False
+        for link in self._links.values():
+            if not link.outgoing:
+                continue
+            outgoing, link.outgoing = link.outgoing, []
+            dealer = link.dealer
+            for request_id, body in outgoing:
+                entry = link.pending.get(request_id)
+                if entry is None:
+                    continue  # failed meanwhile (the worker went down, the edge is closing)
+                try:
+                    if dealer.closed:
+                        raise zmq.Again()
+                    _zmq_send(dealer, body, _NOBLOCK)
+                except zmq.Again:
+                    del link.pending[request_id]
+                    if not entry.future.done():
+                        entry.future.set_exception(
+                            WorkerUnavailable(f"worker {link.id} is not connected"))
+            link.reader.soon()
 
     def pending_publishes(self) -> list:
         """The futures of every publish still waiting for its reply."""
         return [p.future for link in self._links.values() for p in link.pending.values()
                 if p.body is not None]
 
-    def _expire(self, link, request_id) -> None:
-        entry = link.pending.pop(request_id, None)
-        if entry is not None and not entry.future.done():
-            entry.future.set_exception(WorkerUnavailable(
-                f"worker {link.id} did not answer within {self._timeout_s:g} s"))
+    def _expire_due(self) -> None:
+        """Fail every request whose deadline has come; be due again at the next one."""
+        self._sweep = None
+        now = self._loop.time() + _TIMER_SLACK_S
+        next_deadline = None
+        for link in self._links.values():
+            pending = link.pending
+            while pending:
+                request_id, entry = next(iter(pending.items()))
+                if entry.deadline > now:
+                    if next_deadline is None or entry.deadline < next_deadline:
+                        next_deadline = entry.deadline
+                    break
+                del pending[request_id]
+                if not entry.future.done():
+                    entry.future.set_exception(WorkerUnavailable(
+                        f"worker {link.id} did not answer within {self._timeout_s:g} s"))
+        if next_deadline is not None and self._sweep is None:
+            self._sweep = self._loop.call_at(next_deadline, self._expire_due)
 
     def _on_reply(self, link, frames) -> None:
         try:
@@ -271,7 +345,6 @@ class Backend:
         if entry is None:
             log.debug("late reply %r from worker %s dropped", reply["id"], link.id)
             return
-        entry.deadline.cancel()
         future = entry.future
         if future.done():
             return
@@ -288,7 +361,6 @@ class Backend:
             if keep_retryable and entry.retries_left > 0 and not entry.future.done():
                 link.pending[request_id] = entry
                 continue
-            entry.deadline.cancel()
             if not entry.future.done():
                 entry.future.set_exception(WorkerUnavailable(reason))
 
@@ -300,7 +372,7 @@ class Backend:
             if entry.retries_left > 0 and not entry.future.done():
                 entry.retries_left -= 1
                 try:
-                    link.dealer.send(entry.body, zmq.NOBLOCK)
+                    _zmq_send(link.dealer, entry.body, _NOBLOCK)
                 except zmq.Again:
                     break
                 resent += 1

@@ -63,6 +63,11 @@ OVERLOADED = "overloaded"    # the worker's store is too far behind to take more
 
 _ENVELOPE_SLACK_BYTES = 64 * 1024
 
+# One Packer for every encode: ``msgpack.packb`` builds a new one (and its buffer)
+# per call. Sharing it is safe under the GIL: ``pack`` runs in C without calling
+# back into Python for the plain types we pack, and resets its buffer on error.
+_pack = msgpack.Packer(use_bin_type=True).pack
+
 
 class ProtocolError(ValueError):
     """A frame that does not follow the wire format; ``code`` is the error code."""
@@ -155,11 +160,19 @@ _REQUEST_FIELDS = {
     "ping": {},
 }
 _COMMON_FIELDS = ("v", "id", "op")
+_MISSING = object()
+# op -> (every field name it may carry, its required fields, (name, check, what) per field)
+_REQUEST_SHAPES = {
+    op: (frozenset(fields) | frozenset(_COMMON_FIELDS),
+         tuple(name for name, (_, _, required) in fields.items() if required),
+         tuple((name, check, what) for name, (check, what, _) in fields.items()))
+    for op, fields in _REQUEST_FIELDS.items()
+}
 
 
 def encode_request(request: dict) -> bytes:
     """The body frame of a request (``v`` is added)."""
-    return msgpack.packb({"v": VERSION, **request}, use_bin_type=True)
+    return _pack({"v": VERSION, **request})
 
 
 def decode_request(frame: bytes, max_bytes: int) -> dict:
@@ -174,24 +187,26 @@ def decode_request(frame: bytes, max_bytes: int) -> dict:
         raise ProtocolError(f"unsupported protocol version {request.get('v')!r}; this is {VERSION}",
                             UNSUPPORTED_VERSION, request_id)
     op = request.get("op")
-    fields = _REQUEST_FIELDS.get(op) if isinstance(op, str) else None
-    if fields is None:
+    shape = _REQUEST_SHAPES.get(op) if isinstance(op, str) else None
+    if shape is None:
         raise ProtocolError(f"unknown op {op!r}", request_id=request_id)
-    for name in request:
-        if name not in fields and name not in _COMMON_FIELDS:
-            raise ProtocolError(f"unknown field {name!r} for op {op!r}", request_id=request_id)
-    for name, (check, what, required) in fields.items():
-        if name in request:
-            if not check(request[name]):
-                raise ProtocolError(f"{name!r} must be {what}", request_id=request_id)
-        elif required:
-            raise ProtocolError(f"{op!r} needs {name!r}", request_id=request_id)
+    allowed, required, checks = shape
+    if not request.keys() <= allowed:
+        name = next(name for name in request if name not in allowed)
+        raise ProtocolError(f"unknown field {name!r} for op {op!r}", request_id=request_id)
+    for name, check, what in checks:
+        value = request.get(name, _MISSING)
+        if value is _MISSING:
+            if name in required:
+                raise ProtocolError(f"{op!r} needs {name!r}", request_id=request_id)
+        elif not check(value):
+            raise ProtocolError(f"{name!r} must be {what}", request_id=request_id)
     return request
 
 
 def encode_reply(request_id, **fields) -> bytes:
     """A successful reply body."""
-    return msgpack.packb({"v": VERSION, "id": request_id, "ok": True, **fields}, use_bin_type=True)
+    return _pack({"v": VERSION, "id": request_id, "ok": True, **fields})
 
 
 def reply_fields(reply: dict) -> dict:
@@ -201,8 +216,8 @@ def reply_fields(reply: dict) -> dict:
 
 def encode_error(request_id, code: str, reason: str, ring_version: str) -> bytes:
     """A failed reply body."""
-    return msgpack.packb({"v": VERSION, "id": request_id, "ok": False, "error": code,
-                          "reason": reason, "ring": ring_version}, use_bin_type=True)
+    return _pack({"v": VERSION, "id": request_id, "ok": False, "error": code,
+                  "reason": reason, "ring": ring_version})
 
 
 def decode_reply(frame: bytes, max_bytes: int) -> dict:
@@ -227,9 +242,9 @@ def decode_reply(frame: bytes, max_bytes: int) -> dict:
 
 def encode_message(message: PubMessage) -> list:
     """The two frames of a channel message on a PUB socket."""
-    body = msgpack.packb({"channel": message.channel, "seq": message.seq, "epoch": message.epoch,
-                          "data": message.data, "ttl": message.ttl}, use_bin_type=True)
-    return [topic(message.channel), body]
+    return [topic(message.channel), _pack({"channel": message.channel, "seq": message.seq,
+                                           "epoch": message.epoch, "data": message.data,
+                                           "ttl": message.ttl})]
 
 
 def decode_message(frames: list, max_bytes: int) -> PubMessage:

@@ -22,12 +22,16 @@ client can see (a 202, a sequence, a message) is ever lost by a crash. In
 ``async`` mode the loop answers at once and the writer commits at most every
 ``flush_interval_s``; a crash loses at most that interval's tail.
 
-Tables::
+Tables (primary key first)::
 
     meta        (key, value)                 schema version; clean = 1 after a clean stop
     channels    (name, epoch, seq, buffer_size, expires_at)   one row per live channel
     messages    (name, seq, data)            the buffered messages, trimmed on publish
-    publish_ids (publish_id, name, epoch, seq, at)   recent publish ids, for retries
+    publish_ids (at, publish_id, name, epoch, seq)   recent publish ids, for retries
+
+The connection holds the file's lock for as long as it is open (exclusive
+locking mode): no other process can use the file meanwhile, and no commit pays
+for taking and releasing locks.
 
 The store never grows without bound: a publish trims its channel's messages to
 the buffer size, an expired or deleted channel loses its rows, and publish ids
@@ -46,19 +50,39 @@ import zmq
 
 log = logging.getLogger("firehose.store")
 
-SCHEMA_VERSION = 1
+_EVENTS = int(zmq.EVENTS)  # plain ints: pyzmq's enums cost an enum operation per use
+_POLLIN = int(zmq.POLLIN)
 
-_SCHEMA = """
+SCHEMA_VERSION = 2
+
+# Every table is one b-tree clustered on the key it is written and trimmed by, so a
+# commit touches few pages (each one is written to the WAL and synced): a publish
+# adds a message next to its channel's others and trims the oldest ones beside it,
+# and publish ids are appended in time order and pruned from the old end.
+_TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS channels (
     name TEXT PRIMARY KEY, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
     buffer_size INTEGER NOT NULL, expires_at REAL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS messages (
-    name TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (name, seq));
-CREATE TABLE IF NOT EXISTS publish_ids (
-    publish_id PRIMARY KEY, name TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
-    at REAL NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS publish_ids_at ON publish_ids (at);
+CREATE TABLE IF NOT EXISTS {messages} (
+    name TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (name, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS {publish_ids} (
+    at REAL NOT NULL, publish_id NOT NULL, name TEXT NOT NULL, epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL, PRIMARY KEY (at, publish_id)) WITHOUT ROWID;
+"""
+_SCHEMA = _TABLES.format(messages="messages", publish_ids="publish_ids")
+
+# Version 1 had a rowid table for messages and publish ids keyed by id with an
+# index on ``at``: the same rows, in more b-trees.
+_MIGRATE_FROM_1 = _TABLES.format(messages="messages_v2", publish_ids="publish_ids_v2") + """
+INSERT INTO messages_v2 (name, seq, data) SELECT name, seq, data FROM messages;
+INSERT OR REPLACE INTO publish_ids_v2 (at, publish_id, name, epoch, seq)
+    SELECT at, publish_id, name, epoch, seq FROM publish_ids;
+DROP TABLE messages;
+DROP TABLE publish_ids;
+ALTER TABLE messages_v2 RENAME TO messages;
+ALTER TABLE publish_ids_v2 RENAME TO publish_ids;
 """
 
 
@@ -189,12 +213,20 @@ class Store:
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.executescript(_SCHEMA)
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) "
+                             "WITHOUT ROWID")
             version = self._meta("schema_version")
             if version is None:
+                self._db.executescript(_SCHEMA)
                 self._set_meta("schema_version", SCHEMA_VERSION)
+            elif version == 1:
+                self._db.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_FROM_1} "
+                                       f"UPDATE meta SET value = {SCHEMA_VERSION} "
+                                       "WHERE key = 'schema_version'; COMMIT;")
+                log.info("store %s: schema version 1 upgraded to %d", path, SCHEMA_VERSION)
             elif version != SCHEMA_VERSION:
                 raise StoreError(f"{path} has schema version {version}; this is "
                                  f"{SCHEMA_VERSION}")
@@ -349,9 +381,10 @@ class StoreWriter:
         """Read the writer's notices; returns the highest committed ticket.
 
         Raises StoreError once the writer has failed (it commits nothing more)."""
-        while not self.notify_socket.closed:
+        notify = self.notify_socket
+        while not notify.closed and notify.get(_EVENTS) & _POLLIN:
             try:
-                frame = self.notify_socket.recv(zmq.NOBLOCK)
+                frame = notify.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
             if not frame:

@@ -57,6 +57,37 @@ _POLL_MS = 100
 _EXPIRE_EVERY_S = 1.0
 _MAX_PUBLISH_IDS = 1_000_000
 _STOP_TIMEOUT_S = 10.0
+_MAX_CACHED_OWNERS = 65536
+# Plain ints: pyzmq's flag enums cost an enum operation per frame.
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+# The Cython methods below pyzmq's Python wrappers: a publish sends three
+# frames and receives two, and the wrappers cost more than the sends.
+_zmq_send = zmq.backend.Socket.send
+_zmq_recv = zmq.backend.Socket.recv
+_zmq_get = zmq.backend.Socket.get
+
+
+def _send_frames(sock, frames) -> None:
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        _zmq_send(sock, frame, _SNDMORE if i < last else 0)
+
+
+def _readable(sock) -> bool:
+    """True when a message is waiting (cheaper than a recv that raises zmq.Again)."""
+    return bool(_zmq_get(sock, _EVENTS) & _POLLIN)
+
+
+def _recv_frames(sock) -> list:
+    """One whole message; raises zmq.Again when none is waiting."""
+    frames = [_zmq_recv(sock, _NOBLOCK)]
+    while _zmq_get(sock, _RCVMORE):
+        frames.append(_zmq_recv(sock, _NOBLOCK))
+    return frames
 
 
 class SeenPublish(NamedTuple):
@@ -81,6 +112,7 @@ class Counters:
         self.duplicate_publishes = 0
         self.late_requests = 0
         self.overloaded = 0
+        self.commits = 0  # store transactions (group commits), counted when the store stops
 
 
 class Worker:
@@ -104,6 +136,8 @@ class Worker:
         self._gated = False          # sync mode: hold output until committed
         self._ops: list = []         # store operations of the current loop turn
         self._outbox: deque = deque()  # (ticket, socket, frames) waiting for a commit
+        self._ready: list = []       # (socket, frames) to send at the end of this loop turn
+        self._owners: dict = {}      # valid channel name -> its owner, for names seen lately
         self._reply_reveals_state = True  # set per request by _dispatch
         self._publish_ids: OrderedDict = OrderedDict()  # id -> SeenPublish, oldest first
 
@@ -185,6 +219,7 @@ class Worker:
         """Close the sockets (``linger_ms`` lets queued replies leave) and the store."""
         if self._writer is not None:
             self._writer.stop(_STOP_TIMEOUT_S)
+            self.counters.commits = self._writer.commits
             self._writer = None
         for sock in (self._router, self._xpub):
             if sock is not None:
@@ -218,6 +253,7 @@ class Worker:
                     self._expire(now)
                     next_expiry = now + _EXPIRE_EVERY_S
                 self._submit()
+                self._send_ready()
             return self._drain()
         except StoreError as exc:
             log.critical("worker %s stops: %s", self.me.id, exc)
@@ -230,7 +266,9 @@ class Worker:
             if not self._drain_requests():
                 break
             self._submit()
+            self._send_ready()
         self._submit()
+        self._send_ready()
         if self._writer is None:
             return True
         flushed = self._writer.stop(_STOP_TIMEOUT_S)
@@ -239,6 +277,7 @@ class Worker:
         else:
             log.error("worker %s: the store was not flushed; unacknowledged requests dropped",
                       self.me.id)
+        self.counters.commits = self._writer.commits
         self._writer = None
         return flushed
 
@@ -260,20 +299,29 @@ class Worker:
         return writer.last_ticket + 1 if self._ops else writer.last_ticket
 
     def _send(self, sock, frames) -> None:
-        """Send now, or (sync mode) once the state these frames reveal is on disk."""
+        """Send at the end of this loop turn, or (sync mode) once the state these
+        frames reveal is on disk."""
         if self._gated:
             ticket = self._visible_ticket()
             if self._outbox or ticket > self._writer.committed_ticket:
                 self._outbox.append((ticket, sock, frames))
                 return
-        sock.send_multipart(frames)
+        self._ready.append((sock, frames))
+
+    def _send_ready(self) -> None:
+        """Send what this turn produced, together: the I/O thread is woken once for
+        all of it instead of once per message."""
+        if self._ready:
+            ready, self._ready = self._ready, []
+            for sock, frames in ready:
+                _send_frames(sock, frames)
 
     def _flush_outbox(self) -> None:
         committed = self._writer.committed() if self._writer is not None else 0
         outbox = self._outbox
         while outbox and (self._writer is None or outbox[0][0] <= committed):
             _, sock, frames = outbox.popleft()
-            sock.send_multipart(frames)
+            _send_frames(sock, frames)
 
     def _expire(self, now: float) -> None:
         expired = self.channels.expire(now)
@@ -298,28 +346,30 @@ class Worker:
         """Handle up to a batch of queued requests; False when none was waiting."""
         router = self._router
         for i in range(_BATCH):
+            if not _readable(router):
+                return i > 0
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                frames = _recv_frames(router)
             except zmq.Again:
                 return i > 0
             if len(frames) < 2:
                 self._reject(f"request of {len(frames)} frame(s) has no body")
                 continue
             self._reply_reveals_state = True
-            reply = self.handle_request(frames[-1])
+            frames[-1] = self.handle_request(frames[-1])  # the envelope, then the reply
             if self._reply_reveals_state:
-                self._send(router, frames[:-1] + [reply])
+                self._send(router, frames)
             else:
                 # A heartbeat must not wait behind the disk, or a slow commit
                 # would get a healthy worker declared down.
-                router.send_multipart(frames[:-1] + [reply])
+                _send_frames(router, frames)
         return True
 
     def _drain_subscriptions(self) -> None:
         xpub = self._xpub
         for _ in range(_BATCH):
             try:
-                frame = xpub.recv(zmq.NOBLOCK)
+                frame = _zmq_recv(xpub, _NOBLOCK)
             except zmq.Again:
                 return
             if frame[:1] == b"\x01" and frame.endswith(b"\x00"):
@@ -333,14 +383,15 @@ class Worker:
             return
         if self.ring.owner(name) != self.me.id:
             return
-        channel = self.channels.get(name, self._clock())
+        now = self._clock()
+        channel = self.channels.get(name, now)
         if channel is not None and channel.last is not None:
-            self._publish_frames(channel, channel.last)
+            self._publish_frames(channel, channel.last, now)
 
-    def _publish_frames(self, channel, message) -> None:
+    def _publish_frames(self, channel, message, now: float) -> None:
         ttl = None
         if channel.expires_at is not None:
-            ttl = max(0, math.ceil(channel.expires_at - self._clock()))
+            ttl = max(0, math.ceil(channel.expires_at - now))
         self._send(self._xpub, protocol.encode_message(protocol.PubMessage(
             channel.name, message.seq, channel.epoch, message.data, ttl)))
 
@@ -373,11 +424,17 @@ class Worker:
                                          self.ring.version)
 
     def _owned_channel(self, request) -> str:
-        try:
-            name = validate_channel(request["channel"])
-        except HttpError as exc:
-            raise protocol.ProtocolError(exc.reason) from None
-        owner = self.ring.owner(name)
+        name = request["channel"]
+        owner = self._owners.get(name)
+        if owner is None:
+            try:
+                name = validate_channel(name)
+            except HttpError as exc:
+                raise protocol.ProtocolError(exc.reason) from None
+            owner = self.ring.owner(name)
+            if len(self._owners) >= _MAX_CACHED_OWNERS:
+                self._owners.clear()
+            self._owners[name] = owner
         if owner != self.me.id:
             raise protocol.ProtocolError(
                 f"worker {self.me.id} does not own {name!r} (owner {owner}) in ring "
@@ -464,7 +521,7 @@ class Worker:
         if publish_id is not None:
             # A retry answered from here waits for the same commit as the first reply.
             self._publish_ids[publish_id] = SeenPublish(name, message.seq, channel.epoch, now)
-        self._publish_frames(channel, message)
+        self._publish_frames(channel, message, now)
         return protocol.encode_reply(request["id"], seq=message.seq, epoch=channel.epoch)
 
 
@@ -515,8 +572,9 @@ def main(argv=None) -> int:
         worker.close(linger_ms=1000 if ok else 0)
         c = worker.counters
         log.info("worker %s stopped%s: %d requests, %d published, %d duplicate publishes, "
-                 "%d rejected frames", args.id, "" if ok else " (store not flushed)",
-                 c.requests, c.published, c.duplicate_publishes, c.rejected_frames)
+                 "%d rejected frames, %d store commits", args.id,
+                 "" if ok else " (store not flushed)", c.requests, c.published,
+                 c.duplicate_publishes, c.rejected_frames, c.commits)
     return 0 if ok else 1
 
 

@@ -196,3 +196,40 @@ def test_a_batch_leaves_what_one_commit_per_publish_leaves(tmp_path):
     together.apply([ops[:250], ops[250:]])
     assert contents(together) == contents(one_by_one)
     assert contents(together)[1]  # the comparison is not between two empty stores
+
+
+def test_a_version_1_file_is_upgraded_with_its_rows(path):
+    """A file written with schema version 1 opens with every channel, message and
+    publish id it held."""
+    import os
+    import sqlite3
+    os.makedirs(os.path.dirname(path))
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("""
+        PRAGMA journal_mode=WAL;
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+        CREATE TABLE channels (name TEXT PRIMARY KEY, epoch INTEGER NOT NULL,
+            seq INTEGER NOT NULL, buffer_size INTEGER NOT NULL, expires_at REAL) WITHOUT ROWID;
+        CREATE TABLE messages (name TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
+            PRIMARY KEY (name, seq));
+        CREATE TABLE publish_ids (publish_id PRIMARY KEY, name TEXT NOT NULL,
+            epoch INTEGER NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL) WITHOUT ROWID;
+        CREATE INDEX publish_ids_at ON publish_ids (at);
+        INSERT INTO meta VALUES ('schema_version', 1), ('clean', 1);
+        INSERT INTO channels VALUES ('/a', 7, 3, 100, NULL);
+        INSERT INTO messages VALUES ('/a', 2, x'62'), ('/a', 3, x'63');
+        INSERT INTO publish_ids VALUES ('p-2', '/a', 7, 2, 20.0), ('p-3', '/a', 7, 3, 30.0);
+    """)
+    db.close()
+    store, snapshot = reopen(path, now=40.0, since=0.0)
+    assert snapshot.clean
+    assert snapshot.channels == [("/a", 7, 3, 100, None, [(2, b"b"), (3, b"c")])]
+    assert [(p.publish_id, p.seq, p.at) for p in snapshot.publish_ids] == [("p-2", 2, 20.0),
+                                                                            ("p-3", 3, 30.0)]
+    store.apply([[pub("/a", 4, b"d", publish_id="p-4", at=45.0)]])
+    store.close(clean=True)
+    store, snapshot = reopen(path, now=50.0, since=25.0)
+    assert snapshot.channels[0].messages == [(2, b"b"), (3, b"c"), (4, b"d")]
+    assert [p.publish_id for p in snapshot.publish_ids] == ["p-3", "p-4"]
+    store.close(clean=True)
+

@@ -90,12 +90,15 @@ class Edge:
             log.info("edge stopping: waiting for %d publish(es) in flight", len(publishes))
             await asyncio.wait(publishes, timeout=self.config.edge.request_timeout_s + 1.0)
             await asyncio.sleep(0)  # let their handlers write the answers
+        for poll in self.timeouts.pending():  # polls that began while publishes finished
+            poll.expire()
         if self.server is not None:
-            self.server.close_fast_connections()
             try:
-                await asyncio.wait_for(self.server.close_all_connections(), 2.0)
+                await asyncio.wait_for(asyncio.gather(self.server.close_fast_connections(),
+                                                      self.server.close_all_connections()), 2.0)
             except asyncio.TimeoutError:
                 log.warning("some connections did not close within 2 s")
+                self.server.abort_fast_connections()
         self.timeouts.close()
         self.fanout.close()
         if self.native is not None:
@@ -263,7 +266,12 @@ class ChannelHandler(BaseHandler):
                 # Chunked: count as it comes (data_received), answer 413 at the end.
                 self.request.connection.set_max_body_size(_DISCARD_LIMIT_FACTOR * limit)
                 return
-            length = int(length) if length.isascii() and length.isdigit() else 0
+            if not (length.isascii() and length.isdigit()):
+                length = 0
+            elif len(length) > 18:  # int() of thousands of digits fails; this is past any limit
+                length = _DISCARD_LIMIT_FACTOR * limit + 1
+            else:
+                length = int(length)
             if length > limit:
                 self.body_too_large = True
                 if length > _DISCARD_LIMIT_FACTOR * limit:

@@ -37,6 +37,7 @@ sees it too); one that half-closes after a publish gets its answer first.
 import asyncio
 import logging
 import os
+import re
 import socket
 import time
 
@@ -55,7 +56,17 @@ MAX_HEAD_BYTES = 65536  # a longer request head goes to Tornado, which refuses i
 IDLE_SWEEP_S = 60.0
 
 _SEQUENCE_PARAM = "last_message_sequence="
-_POLL_HEADS_MAX = 4096
+# A header field as RFC 9112 has it: a token name, then a value of visible
+# characters, spaces and tabs (obs-text allowed) with the spaces around it dropped.
+_FIELD = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[^\x00-\x1f\x7f]|\t)*?)[ \t]*")
+_HOST = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:\[\]%]*")
+# Heads already read, with what they ask for (``_read_head``): clients re-poll and
+# re-publish with the same head, and a channel's subscribers send identical ones.
+_KNOWN_HEADS = 4096
+_KNOWN_HEAD_BYTES = 1024
+_POLL = "poll"
+_PUBLISH = "publish"
+_STREAM = "stream"
 _CRLF2 = b"\r\n\r\n"
 _OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
 _NO_CONTENT = b"HTTP/1.1 204 No Content\r\n"
@@ -71,12 +82,10 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
     def initialize(self, edge, app, **kwargs):
         self.edge = edge
         self.fast_connections: set = set()
-        # Plain long-poll heads already parsed and accepted, with what they ask for
-        # (channel, sequence, CORS headers, Connection: close): clients re-poll
-        # with the same head, and the subscribers of a channel send identical ones.
-        self.poll_heads: dict = {}
+        self.known_heads: dict = {}  # see _read_head
         self._idle_timeout_s = kwargs.get("idle_connection_timeout") or 3600.0
         self._sweeper = None
+        self._all_closed = None  # while stopping: resolved when no fast connection is left
         super().initialize(app, **kwargs)
 
     async def handle_stream(self, stream, address):
@@ -97,19 +106,32 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
         self.edge.metrics.connection_closed(time.time())
         super().on_close(server_conn)
 
-    def close_fast_connections(self) -> None:
-        """Close every fast connection once its queued answers are written."""
+    async def close_fast_connections(self) -> None:
+        """Close every fast connection once its answer in progress and its queued
+        bytes are written; returns when all are closed."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self._all_closed = asyncio.get_running_loop().create_future()
         for conn in list(self.fast_connections):
             conn.close()
+        self.connection_gone()
+        await self._all_closed
+
+    def connection_gone(self) -> None:
+        if self._all_closed is not None and not self.fast_connections \
+                and not self._all_closed.done():
+            self._all_closed.set_result(None)
+
+    def abort_fast_connections(self) -> None:
+        for conn in list(self.fast_connections):
+            conn.abort()
 
     def _sweep_idle(self) -> None:
         self._sweeper = asyncio.get_running_loop().call_later(IDLE_SWEEP_S, self._sweep_idle)
         cutoff = time.monotonic() - self._idle_timeout_s
         for conn in list(self.fast_connections):
             if conn.idle_since(cutoff):
-                conn.close()
+                conn.abort()  # even one whose client stopped reading its last answer
 
 
 class _Primed(tornado.iostream.IOStream):
@@ -167,8 +189,8 @@ class FastConnection(asyncio.Protocol):
     """One client connection while it asks only for long-polls and publishes."""
 
     __slots__ = ("_server", "_edge", "_address", "_transport", "_buf", "_busy", "_serving",
-                 "_poll", "_cors", "_close_after", "_eof", "_writing_paused",
-                 "_reading_paused", "_handing_off", "_body", "_last_active", "_stream")
+                 "_poll", "_extra", "_close_after", "_eof", "_writing_paused",
+                 "_reading_paused", "_handing_off", "_handed_off", "_body", "_last_active", "_stream")
 
     def __init__(self, server: EdgeHTTPServer, address):
         self._server = server
@@ -179,12 +201,13 @@ class FastConnection(asyncio.Protocol):
         self._busy = False          # a request is being answered
         self._serving = False       # inside _serve (answers given inline do not recurse)
         self._poll = None
-        self._cors = b""            # the answer's CORS headers
+        self._extra = b""           # the answer's extra headers (Connection, CORS)
         self._close_after = False
         self._eof = False
         self._writing_paused = False
         self._reading_paused = False
-        self._handing_off = False
+        self._handing_off = False   # to Tornado, once the queued answers are written
+        self._handed_off = False
         self._body = None           # (head end, total length, channel, options) of a PUT
         self._last_active = time.monotonic()
         self._stream = None         # the event stream or WebSocket this connection has become
@@ -219,11 +242,12 @@ class FastConnection(asyncio.Protocol):
     def connection_lost(self, exc):
         self._transport = None
         self._server.fast_connections.discard(self)
+        self._server.connection_gone()
         if self._poll is not None:
             self._poll.cancel()
         if self._stream is not None:
             self._stream.gone()
-        if not self._handing_off:
+        if not self._handed_off:
             self._edge.metrics.connection_closed(time.time())
 
     def pause_writing(self):
@@ -271,73 +295,109 @@ class FastConnection(asyncio.Protocol):
             return self._start_publish()
         end = buf.find(_CRLF2)
         if end < 0:
-            if len(buf) > MAX_HEAD_BYTES:
-                self._hand_off()
+            if len(buf) > MAX_HEAD_BYTES or b"\n\n" in buf or b"\n\r\n" in buf:
+                self._hand_off()  # too long, or lines ending in a bare LF: Tornado's call
             elif self._eof and self._transport is not None:
                 self._transport.close()
             return False
         self._last_active = time.monotonic()
         head = bytes(buf[:end])
-        known = self._server.poll_heads.get(head)
-        if known is not None:  # a long-poll head seen before: parsed and checked then
+        known = self._server.known_heads.get(head)
+        if known is None:
+            known = self._read_head(head, end)
+            if known is None:
+                return False  # handed off, or became a stream
+        kind, channel, how, length, self._extra, self._close_after = known
+        if kind is _POLL:
             del buf[:end + 4]
-            channel, seq, self._cors, self._close_after = known
-            self._begin_poll(channel, seq)
+            self._begin_poll(channel, how)
             return True
+        self._body = (end + 4, end + 4 + length, channel, how)
+        self._start_publish()
+        return True
+
+    def _read_head(self, head: bytes, end: int):
+        """What a head not seen before asks for: a ``_POLL`` or ``_PUBLISH`` entry
+        (remembered for the next identical head), or None once the request has
+        been handed to Tornado or started as a stream."""
         lines = head.decode("latin-1").split("\r\n")
         request_line = lines[0].split(" ")
         if len(request_line) != 3 or request_line[2] != "HTTP/1.1":
-            self._hand_off()
-            return False
+            return self._hand_off()
         headers = _Headers()
         for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            name = name.lower()
-            if not sep or name in headers or not name or name[-1] in " \t" or name[0] in " \t":
-                self._hand_off()  # Tornado decides about folded, repeated or broken headers
-                return False
-            headers[name] = value.strip()
+            field = _FIELD.fullmatch(line)
+            if field is None:
+                return self._hand_off()  # Tornado answers broken or folded fields
+            name, value = field.group(1).lower(), field.group(2)
+            if name in headers:
+                return self._hand_off()  # and decides about repeated ones
+            headers[name] = value
+        host = headers.get("host")
+        if host is None or not _HOST.fullmatch(host):
+            return self._hand_off()
         method, target, _ = request_line
         path, _, query = target.partition("?")
         if method == "GET":
-            started = self._start_long_poll(end, headers, path, query)
+            known = self._read_get(end, headers, path, query)
         elif method == "PUT":
-            started = self._take_publish(end, headers, path, query)
+            known = self._read_put(headers, path, query)
         else:
-            started = False
-        if not started:
-            self._hand_off()
-        return started
+            known = None
+        if known is _STREAM:
+            return None
+        if known is None:
+            return self._hand_off()
+        if len(head) <= _KNOWN_HEAD_BYTES:
+            remembered = self._server.known_heads
+            if len(remembered) >= _KNOWN_HEADS:
+                remembered.clear()
+            remembered[head] = known
+        return known
 
-    def _take_origin(self, headers) -> None:
-        self._close_after = "close" in headers.get("connection", "").lower()
+    def _extra_headers(self, headers) -> tuple:
+        """(the answer's extra header lines, whether to close after it)."""
+        close = "close" in headers.get("connection", "").lower()
+        extra = b"Connection: close\r\n" if close else b""
         origin = headers.get("origin")
-        if origin and origin.isprintable() and self._edge.allows_origin(origin):
-            self._cors = (b"Access-Control-Allow-Origin: " + origin.encode("latin-1")
-                          + b"\r\nVary: Origin\r\n")
-        else:
-            self._cors = b""
+        if origin and self._edge.allows_origin(origin):
+            extra += b"Access-Control-Allow-Origin: " + origin.encode("latin-1") + \
+                b"\r\nVary: Origin\r\n"
+        return extra, close
 
-    def _start_long_poll(self, end: int, headers, path: str, query: str) -> bool:
+    def _read_get(self, end: int, headers, path: str, query: str):
         if "content-length" in headers or "transfer-encoding" in headers:
-            return False
+            return None
         seq = _long_poll_sequence(query)
         channel = _channel(path) if seq is not None else None
         if channel is None:
-            return False
+            return None
         upgrade = headers.get("upgrade")
         if upgrade is not None:
-            return upgrade.lower() == "websocket" and self._start_websocket(end, headers, channel)
+            if upgrade.lower() == "websocket" and self._start_websocket(end, headers, channel):
+                return _STREAM
+            return None
         if EVENT_STREAM_TYPE in headers.get("accept", ""):
-            return self._start_event_stream(end, headers, channel, seq)
-        known = self._server.poll_heads
-        if len(known) >= _POLL_HEADS_MAX:
-            known.clear()
-        self._take_origin(headers)
-        known[bytes(self._buf[:end])] = (channel, seq, self._cors, self._close_after)
-        del self._buf[:end + 4]
-        self._begin_poll(channel, seq)
-        return True
+            return _STREAM if self._start_event_stream(end, headers, channel, seq) else None
+        return (_POLL, channel, seq, 0, *self._extra_headers(headers))
+
+    def _read_put(self, headers, path: str, query: str):
+        if query or "transfer-encoding" in headers or "expect" in headers:
+            return None
+        limits = self._edge.limits
+        length = headers.get("content-length")
+        if (length is None or len(length) > 18 or not (length.isascii() and length.isdigit())
+                or int(length) > limits.max_message_bytes):
+            return None
+        channel = _channel(path)
+        if channel is None:
+            return None
+        try:
+            options = httpwire.parse_publish_headers(
+                headers, limits.default_ttl_s, limits.default_buffer_size, limits.max_buffer_size)
+        except HttpError:
+            return None
+        return (_PUBLISH, channel, options, int(length), *self._extra_headers(headers))
 
     def _begin_poll(self, channel: str, seq: int) -> None:
         self._busy = True
@@ -353,11 +413,11 @@ class FastConnection(asyncio.Protocol):
         except HttpError:
             return False  # Tornado answers it
         del self._buf[:end + 4]
-        self._take_origin(headers)
+        self._extra, self._close_after = self._extra_headers(headers)
         self._busy = True
         subscription = Subscription(channel, seq if resume is None else resume, {})
         self._stream = FastEventStream(self, self._edge, [subscription],
-                                       _EVENT_STREAM + self._cors + b"\r\n", self._error_answer)
+                                       _EVENT_STREAM + self._extra + b"\r\n", self._error_answer)
         return True
 
     def _start_websocket(self, end: int, headers, channel: str) -> bool:
@@ -376,26 +436,6 @@ class FastConnection(asyncio.Protocol):
             early, self._buf = bytes(self._buf), bytearray()
             self._stream.feed(early)
         return True
-
-    def _take_publish(self, end: int, headers, path: str, query: str) -> bool:
-        if query or "transfer-encoding" in headers or "expect" in headers:
-            return False
-        limits = self._edge.limits
-        length = headers.get("content-length")
-        if (length is None or not (length.isascii() and length.isdigit())
-                or int(length) > limits.max_message_bytes):
-            return False
-        channel = _channel(path)
-        if channel is None:
-            return False
-        try:
-            options = httpwire.parse_publish_headers(
-                headers, limits.default_ttl_s, limits.default_buffer_size, limits.max_buffer_size)
-        except HttpError:
-            return False
-        self._take_origin(headers)
-        self._body = (end + 4, end + 4 + int(length), channel, options)
-        return self._start_publish()
 
     def _start_publish(self) -> bool:
         start, total, channel, options = self._body
@@ -421,6 +461,7 @@ class FastConnection(asyncio.Protocol):
         transport.write(data)
         self._last_active = time.monotonic()
         if self._close_after or (self._eof and not self._buf):
+            self._buf.clear()  # nothing after a closing answer is served
             transport.close()
         elif self._buf and not self._serving:
             self._serve()
@@ -429,7 +470,7 @@ class FastConnection(asyncio.Protocol):
         body = reason.replace("\n", " ").encode()
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
                 f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n")
-        return head.encode() + self._cors + b"\r\n" + body
+        return head.encode() + self._extra + b"\r\n" + body
 
     def _fail(self, exc: BackendError) -> None:
         self._answer(self._error_answer(*self._edge.backend_error_status(exc)))
@@ -440,18 +481,18 @@ class FastConnection(asyncio.Protocol):
         if result is None:
             if self._transport is not None:
                 self._edge.metrics.incr(time.time(), "timeouts")
-            return self._answer(_NO_CONTENT + self._cors + b"\r\n")
+            return self._answer(_NO_CONTENT + self._extra + b"\r\n")
         item = result[1]
-        if self._cors:
+        if self._extra:
             body = item.json()
-            return self._answer(b"%s%d\r\n%s\r\n%s" % (_OK_JSON, len(body), self._cors, body))
+            return self._answer(b"%s%d\r\n%s\r\n%s" % (_OK_JSON, len(body), self._extra, body))
         self._answer(item.encoded(_ok_answer))  # the same bytes for every waiter
 
     def _published(self, future) -> None:
         exc = future.exception()
         if exc is not None:
             return self._fail(exc)
-        self._answer(b"%s%d\r\n%s\r\n" % (_ACCEPTED, future.result()["seq"], self._cors))
+        self._answer(b"%s%d\r\n%s\r\n" % (_ACCEPTED, future.result()["seq"], self._extra))
 
     # -- event streams -------------------------------------------------------------
 
@@ -492,6 +533,7 @@ class FastConnection(asyncio.Protocol):
         sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
         prefix = bytes(self._buf)
         self._buf.clear()
+        self._handed_off = True
         transport.abort()
         self._transport = None
         self._server.serve_with_tornado(sock, self._address, prefix)

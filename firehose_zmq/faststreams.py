@@ -110,6 +110,7 @@ class FastWebSocket:
         self._inbox: deque = deque()
         self._worker = None
         self._closing = False
+        self._grace = None  # cuts a closing handshake the client does not finish
         self._heard = time.monotonic()
         loop = asyncio.get_running_loop()
         self._pinger = loop.call_later(self._ping_interval_s, self._ping) \
@@ -128,7 +129,11 @@ class FastWebSocket:
             elif kind is wsframe.Ping:
                 self.conn.stream_write(wsframe.encode_pong(event.payload))
             elif kind is wsframe.Close:
-                self._finish(wsframe.close_reply(event))
+                if self._closing:  # the answer to our close: the handshake is done
+                    self.gone()
+                    self.conn.stream_ended(b"")
+                else:
+                    self._finish(wsframe.close_reply(event))
             elif kind is wsframe.ProtocolError:
                 self.session.count_bad_frame(event.reason)
                 self._finish(wsframe.encode_close(event.code, event.reason))
@@ -166,7 +171,13 @@ class FastWebSocket:
         return self.conn.stream_buffered() > self._limit
 
     def close(self, code: int, reason: str) -> None:
-        self._finish(wsframe.encode_close(code, reason))
+        """Start a closing handshake: the client's close frame ends the connection,
+        or ``_CLOSE_GRACE_S`` without one does."""
+        if self._closing:
+            return
+        self._stop()
+        self.conn.stream_write(wsframe.encode_close(code, reason))
+        self._grace = asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, self.conn.abort)
 
     def drop(self) -> None:
         self._stop()
@@ -175,12 +186,11 @@ class FastWebSocket:
     # -- the end -------------------------------------------------------------------
 
     def _finish(self, close_frame: bytes) -> None:
-        """Write our close frame and close; a client that does not close is cut."""
+        """Write the last frame (a close reply, or the close of a protocol error) and close."""
         if self._closing:
             return
         self._stop()
         self.conn.stream_ended(close_frame)
-        asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, self.conn.abort)
 
     def _stop(self) -> None:
         self._closing = True
@@ -193,6 +203,9 @@ class FastWebSocket:
     def gone(self) -> None:
         """The connection is closed."""
         self._stop()
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
 
     def _ping(self) -> None:
         if time.monotonic() - self._heard > self._silence_limit_s:

@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 
 MAX_CHANNEL_BYTES = 1024
 MAX_SEQUENCE = 2**63 - 1
+_MAX_DIGITS = len(str(MAX_SEQUENCE))  # a longer number is past every limit here
 RESERVED_MARK = "@firehose"
 NEGATIVE_SEQUENCE_REASON = "The last_message_sequence parameter may not be less than zero"
 
@@ -75,7 +76,12 @@ def parse_sequence(value, what: str = "last_message_sequence") -> int:
     if isinstance(value, int):
         number = value
     elif isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-        number = int(value.strip())
+        text = value.strip()
+        if len(text.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
+            # Past one bound or the other; int() of thousands of digits would fail.
+            number = -1 if text.startswith("-") else MAX_SEQUENCE + 1
+        else:
+            number = int(text)
     else:
         raise HttpError(400, f"The {what} parameter must be an integer")
     if number < 0:
@@ -89,6 +95,8 @@ def _ttl_value(text: str, source: str) -> int:
     text = text.strip().strip('"')
     if not text.isascii() or not text.isdigit():
         raise HttpError(400, f"{source} must be a non-negative integer number of seconds")
+    if len(text.lstrip("0")) > _MAX_DIGITS:
+        return MAX_SEQUENCE
     return min(int(text), MAX_SEQUENCE)
 
 
@@ -118,7 +126,8 @@ def parse_publish_headers(headers, default_ttl_s: int, default_buffer_size: int,
     size = headers.get("X-Firehose-Buffer-Size")
     if size is not None:
         size = size.strip()
-        if not size.isascii() or not size.isdigit() or int(size) > max_buffer_size:
+        if (not size.isascii() or not size.isdigit() or len(size.lstrip("0")) > _MAX_DIGITS
+                or int(size) > max_buffer_size):
             raise HttpError(400, "X-Firehose-Buffer-Size must be an integer from 0 to "
                                  f"{max_buffer_size}")
         buffer_size = int(size)

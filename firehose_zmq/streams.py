@@ -155,6 +155,8 @@ class SocketSession:
         self.ended = False
 
     async def open(self, initial_subscriptions=()) -> None:
+        if self.ended:
+            return  # closed before it opened
         self.edge.streams.add(self)
         self.edge.metrics.incr(time.time(), "websocket_opened")
         if initial_subscriptions:

@@ -176,7 +176,7 @@ def test_cors_on_the_fast_path(cluster):
     for answer in (published, polled):
         assert answer[1]["access-control-allow-origin"] == "http://page.example"
         assert answer[1]["vary"] == "Origin"
-    assert odd[0] == 200 and "access-control-allow-origin" not in odd[1]
+    assert odd[0] == 400  # a control character in a field: Tornado refuses the request
 
 
 def test_endless_head_is_cut_off(cluster):

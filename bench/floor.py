@@ -81,11 +81,15 @@ class _RawHTTP(asyncio.Protocol):
             end = head_end + 4 + length
             if len(self._buffer) < end:
                 return
+            body = self._buffer[head_end + 4:end]
             self._buffer = self._buffer[end:]
-            if head.startswith(b"PUT "):
-                self._transport.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
-            else:
-                self._transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            self.answer(head, body)
+
+    def answer(self, head: bytes, body: bytes) -> None:
+        if head.startswith(b"PUT "):
+            self._transport.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+        else:
+            self._transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
 
 
 class _ZmqHop(_RawHTTP):
@@ -93,26 +97,11 @@ class _ZmqHop(_RawHTTP):
 
     hop = None  # the _Hop shared by every connection
 
-    def data_received(self, data):
-        self._buffer += data
-        while True:
-            head_end = self._buffer.find(b"\r\n\r\n")
-            if head_end < 0:
-                return
-            head = self._buffer[:head_end]
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            end = head_end + 4 + length
-            if len(self._buffer) < end:
-                return
-            body = self._buffer[head_end + 4:end]
-            self._buffer = self._buffer[end:]
-            if head.startswith(b"PUT "):
-                self.hop.publish(head.split(b" ", 2)[1], body, self._transport)
-            else:
-                self._transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+    def answer(self, head: bytes, body: bytes) -> None:
+        if head.startswith(b"PUT "):
+            self.hop.publish(head.split(b" ", 2)[1], body, self._transport)
+        else:
+            self._transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
 
 
 class _Hop:

@@ -112,15 +112,25 @@ class _Hop:
         self._sock.connect(endpoint)
         self._ids = itertools.count()
         self._waiting: dict = {}
+        self._outgoing: list = []
         self._loop = loop
         loop.add_reader(self._sock.FD, self._drain)
 
     def publish(self, channel: bytes, data: bytes, transport) -> None:
         request_id = next(self._ids)
         self._waiting[request_id] = transport
-        self._sock.send(msgpack.packb({"id": request_id, "op": "publish",
-                                       "channel": channel, "data": data}), zmq.NOBLOCK)
-        self._loop.call_soon(self._drain)  # a send may take the FD's edge
+        if not self._outgoing:
+            self._loop.call_soon(self._send)
+        self._outgoing.append(msgpack.packb({"id": request_id, "op": "publish",
+                                             "channel": channel, "data": data}))
+
+    def _send(self) -> None:
+        """A loop turn's requests go together, as the edge's backend sends them: ZeroMQ's
+        I/O thread is woken once for them."""
+        outgoing, self._outgoing = self._outgoing, []
+        for body in outgoing:
+            self._sock.send(body, zmq.NOBLOCK)
+        self._drain()  # a send may take the FD's edge
 
     def _drain(self) -> None:
         while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:

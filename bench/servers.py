@@ -204,8 +204,12 @@ class FirehoseServer(ManagedServer):
                       f'router_connect = "tcp://127.0.0.1:{router}"',
                       f'pub_bind = "tcp://127.0.0.1:{pub}"',
                       f'pub_connect = "tcp://127.0.0.1:{pub}"', ""]
+        # The native ZeroMQ endpoints too: their default ports may still be held by the
+        # previous run's edge while it exits.
         lines += ["[edge]", 'host = "127.0.0.1"', f"port = {self.port}",
-                  f"long_poll_timeout_s = {self.long_poll_timeout_s}"]
+                  f"long_poll_timeout_s = {self.long_poll_timeout_s}",
+                  f'native_pub_bind = "tcp://127.0.0.1:{free_port()}"',
+                  f'native_router_bind = "tcp://127.0.0.1:{free_port()}"']
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:

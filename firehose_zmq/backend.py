@@ -38,19 +38,11 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol
 from .ring import Ring
+from .zmqraw import NOBLOCK, readable, recv_frames, send
 
 log = logging.getLogger("firehose.backend")
 
 _BATCH = 512
-# Plain ints and the Cython methods below pyzmq's Python wrappers: every request
-# and reply crosses these, and the wrappers (and flag enums) cost more than the calls.
-_NOBLOCK = int(zmq.NOBLOCK)
-_POLLIN = int(zmq.POLLIN)
-_EVENTS = int(zmq.EVENTS)
-_RCVMORE = int(zmq.RCVMORE)
-_zmq_send = zmq.backend.Socket.send
-_zmq_recv = zmq.backend.Socket.recv
-_zmq_get = zmq.backend.Socket.get
 # The worker is told to refuse a publish this long before the edge gives up on it,
 # so that an accepted publish's reply has time to arrive.
 _DEADLINE_MARGIN_S = 0.5
@@ -97,12 +89,10 @@ class SocketReader:
         if sock.closed:
             return
         for _ in range(_BATCH):
-            if not _zmq_get(sock, _EVENTS) & _POLLIN:
+            if not readable(sock):
                 return
             try:
-                frames = [_zmq_recv(sock, _NOBLOCK)]
-                while _zmq_get(sock, _RCVMORE):
-                    frames.append(_zmq_recv(sock, _NOBLOCK))
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             try:
@@ -299,7 +289,7 @@ class Backend:
                 try:
                     if dealer.closed:
                         raise zmq.Again()
-                    _zmq_send(dealer, body, _NOBLOCK)
+                    send(dealer, body, NOBLOCK)
                 except zmq.Again:
                     del link.pending[request_id]
                     if not entry.future.done():
@@ -372,7 +362,7 @@ class Backend:
             if entry.retries_left > 0 and not entry.future.done():
                 entry.retries_left -= 1
                 try:
-                    _zmq_send(link.dealer, entry.body, _NOBLOCK)
+                    send(link.dealer, entry.body, NOBLOCK)
                 except zmq.Again:
                     break
                 resent += 1

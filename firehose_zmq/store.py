@@ -48,10 +48,9 @@ from typing import NamedTuple, Optional
 
 import zmq
 
-log = logging.getLogger("firehose.store")
+from .zmqraw import readable
 
-_EVENTS = int(zmq.EVENTS)  # plain ints: pyzmq's enums cost an enum operation per use
-_POLLIN = int(zmq.POLLIN)
+log = logging.getLogger("firehose.store")
 
 SCHEMA_VERSION = 2
 
@@ -382,7 +381,7 @@ class StoreWriter:
 
         Raises StoreError once the writer has failed (it commits nothing more)."""
         notify = self.notify_socket
-        while not notify.closed and notify.get(_EVENTS) & _POLLIN:
+        while not notify.closed and readable(notify):
             try:
                 frame = notify.recv(zmq.NOBLOCK)
             except zmq.Again:

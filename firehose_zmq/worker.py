@@ -49,6 +49,7 @@ from .config import DURABILITY_MODES, ConfigError, check_storage, load_config
 from .httpwire import HttpError, validate_channel
 from .ring import Ring
 from .store import (DeleteOp, EpochOp, PruneOp, PublishOp, Store, StoreError, StoreWriter)
+from .zmqraw import NOBLOCK, readable, recv, recv_frames, send_frames
 
 log = logging.getLogger("firehose.worker")
 
@@ -58,36 +59,6 @@ _EXPIRE_EVERY_S = 1.0
 _MAX_PUBLISH_IDS = 1_000_000
 _STOP_TIMEOUT_S = 10.0
 _MAX_CACHED_OWNERS = 65536
-# Plain ints: pyzmq's flag enums cost an enum operation per frame.
-_SNDMORE = int(zmq.SNDMORE)
-_NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-# The Cython methods below pyzmq's Python wrappers: a publish sends three
-# frames and receives two, and the wrappers cost more than the sends.
-_zmq_send = zmq.backend.Socket.send
-_zmq_recv = zmq.backend.Socket.recv
-_zmq_get = zmq.backend.Socket.get
-
-
-def _send_frames(sock, frames) -> None:
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        _zmq_send(sock, frame, _SNDMORE if i < last else 0)
-
-
-def _readable(sock) -> bool:
-    """True when a message is waiting (cheaper than a recv that raises zmq.Again)."""
-    return bool(_zmq_get(sock, _EVENTS) & _POLLIN)
-
-
-def _recv_frames(sock) -> list:
-    """One whole message; raises zmq.Again when none is waiting."""
-    frames = [_zmq_recv(sock, _NOBLOCK)]
-    while _zmq_get(sock, _RCVMORE):
-        frames.append(_zmq_recv(sock, _NOBLOCK))
-    return frames
 
 
 class SeenPublish(NamedTuple):
@@ -314,14 +285,14 @@ class Worker:
         if self._ready:
             ready, self._ready = self._ready, []
             for sock, frames in ready:
-                _send_frames(sock, frames)
+                send_frames(sock, frames)
 
     def _flush_outbox(self) -> None:
         committed = self._writer.committed() if self._writer is not None else 0
         outbox = self._outbox
         while outbox and (self._writer is None or outbox[0][0] <= committed):
             _, sock, frames = outbox.popleft()
-            _send_frames(sock, frames)
+            send_frames(sock, frames)
 
     def _expire(self, now: float) -> None:
         expired = self.channels.expire(now)
@@ -346,10 +317,10 @@ class Worker:
         """Handle up to a batch of queued requests; False when none was waiting."""
         router = self._router
         for i in range(_BATCH):
-            if not _readable(router):
+            if not readable(router):
                 return i > 0
             try:
-                frames = _recv_frames(router)
+                frames = recv_frames(router)
             except zmq.Again:
                 return i > 0
             if len(frames) < 2:
@@ -362,14 +333,14 @@ class Worker:
             else:
                 # A heartbeat must not wait behind the disk, or a slow commit
                 # would get a healthy worker declared down.
-                _send_frames(router, frames)
+                send_frames(router, frames)
         return True
 
     def _drain_subscriptions(self) -> None:
         xpub = self._xpub
         for _ in range(_BATCH):
             try:
-                frame = _zmq_recv(xpub, _NOBLOCK)
+                frame = recv(xpub, NOBLOCK)
             except zmq.Again:
                 return
             if frame[:1] == b"\x01" and frame.endswith(b"\x00"):

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import lpbench
+from firehose_zmq.testing import free_port
 
 HERE = Path(__file__).resolve().parent
 NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
@@ -32,13 +33,6 @@ class ServerError(RuntimeError):
 
 class PortTaken(ServerError):
     """A port chosen as free was taken before the server bound it."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children_of(pid: int) -> list:

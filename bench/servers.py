@@ -203,8 +203,15 @@ class FirehoseServer(ManagedServer):
         lines += ["[edge]", 'host = "127.0.0.1"', f"port = {self.port}",
                   f"long_poll_timeout_s = {self.long_poll_timeout_s}",
                   f'native_pub_bind = "tcp://127.0.0.1:{free_port()}"',
-                  f'native_router_bind = "tcp://127.0.0.1:{free_port()}"']
+                  f'native_router_bind = "tcp://127.0.0.1:{free_port()}"', "",
+                  # A store of this run's own: the checkout's var/ holds make run's
+                  # channels and every earlier run's, which the workers would load.
+                  "[storage]", f'data_dir = "{self.run_dir / "data"}"']
         self.config_path.write_text("\n".join(lines) + "\n")
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.run_dir / "data", ignore_errors=True)  # only the logs are kept
 
     def start(self) -> None:
         if not self.bin.exists():

@@ -27,7 +27,8 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 # Options via the environment: BENCH_QUICK=1, BENCH_REPEATS, BENCH_DURATION,
-# BENCH_ONLY (regex on scenario keys), BENCH_SERVERS, BENCH_OUT; see bench/run.py.
+# BENCH_ONLY (regex on scenario keys), BENCH_SERVERS, BENCH_OUT, BENCH_DURABILITY;
+# see bench/run.py.
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
 

@@ -13,7 +13,7 @@ SIGTERM.
 Exit code: 0 when every firehose-zmq run completed with nothing lost, duplicated or
 failed; 1 otherwise; 2 when the harness could not run at all; 130 on Ctrl-C.
 Environment defaults for the options: BENCH_QUICK=1, BENCH_REPEATS, BENCH_DURATION,
-BENCH_ONLY, BENCH_SERVERS, BENCH_OUT, BENCH_PROFILE=1.
+BENCH_ONLY, BENCH_SERVERS, BENCH_OUT, BENCH_PROFILE=1, BENCH_DURABILITY.
 """
 
 import argparse
@@ -208,7 +208,8 @@ class Runner:
 
     def make_server(self, name: str, run_dir: Path):
         if name == report.OURS:
-            return FirehoseServer(run_dir, workers=self.options.workers)
+            return FirehoseServer(run_dir, workers=self.options.workers,
+                                  durability=self.options.durability)
         return NchanServer(run_dir, workers=self.options.nchan_workers)
 
     def lpbench(self, row, kind: str, args: tuple, proto: str, server, timeout_s: float):
@@ -308,6 +309,9 @@ def parse_args(argv):
     p.add_argument("--out", default=env.get("BENCH_OUT", "bench-results"),
                    help="directory for the JSON, PNG and logs (BENCH_OUT)")
     p.add_argument("--workers", type=int, default=2, help="firehose-zmq workers (make run: 2)")
+    p.add_argument("--durability", choices=["sync", "async", "memory"],
+                   default=env.get("BENCH_DURABILITY", "sync"),
+                   help="firehose-zmq's [storage] durability (make run: sync; BENCH_DURABILITY)")
     p.add_argument("--nchan-workers", type=int, default=1, help="nginx worker processes")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
     p.add_argument("--profile", action="store_true", default=env.get("BENCH_PROFILE", "") not in ("", "0"),
@@ -392,6 +396,7 @@ def main(argv=None) -> int:
                     "complete": False, "quick": options.quick, "repeats": options.repeats,
                     "duration_s": options.duration, "servers": servers,
                     "firehose_workers": options.workers, "nchan_workers": options.nchan_workers,
+                    "firehose_durability": options.durability,
                     "commit": git_commit(), "python": platform.python_version(),
                     "uvloop": lpbench.uvloop is not None, "cpus": os.cpu_count(),
                     "loadavg_at_start": os.getloadavg(), "logs": str(log_dir)},

@@ -182,8 +182,10 @@ class FirehoseServer(ManagedServer):
     name = "firehose-zmq"
     proto = "firehose"
 
-    def __init__(self, run_dir: Path, workers: int = 2, long_poll_timeout_s: float = 30.0):
+    def __init__(self, run_dir: Path, workers: int = 2, long_poll_timeout_s: float = 30.0,
+                 durability: str = "sync"):
         super().__init__(run_dir)
+        self.durability = durability
         self.worker_ids = [f"w{i + 1}" for i in range(workers)]
         self.long_poll_timeout_s = long_poll_timeout_s
         self.config_path = self.run_dir / "cluster.toml"
@@ -206,7 +208,8 @@ class FirehoseServer(ManagedServer):
                   f'native_router_bind = "tcp://127.0.0.1:{free_port()}"', "",
                   # A store of this run's own: the checkout's var/ holds make run's
                   # channels and every earlier run's, which the workers would load.
-                  "[storage]", f'data_dir = "{self.run_dir / "data"}"']
+                  "[storage]", f'data_dir = "{self.run_dir / "data"}"',
+                  f'durability = "{self.durability}"']
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def stop(self) -> None:

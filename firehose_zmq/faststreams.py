@@ -43,7 +43,14 @@ class FastEventStream(EventStream):
         self._error_answer = error_answer
         self._limit = edge.config.edge.stream_queue_limit_bytes
         self._queued: list = []
-        self.task = asyncio.ensure_future(self.run())
+        self._task = asyncio.ensure_future(self.run())  # referenced: the loop keeps tasks weakly
+        self._task.add_done_callback(self._ran)
+
+    def _ran(self, task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A stream that failed must not leave its client waiting on an open connection.
+            log.error("event stream to %s failed", self.peer, exc_info=task.exception())
+            self.conn.abort()
 
     def begin(self) -> None:
         self._queued.append(self._head)

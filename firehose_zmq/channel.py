@@ -27,6 +27,7 @@ expiry are tested without waiting.
 """
 
 from collections import deque
+import gc
 import heapq
 import itertools
 from typing import Callable, NamedTuple, Optional
@@ -184,3 +185,56 @@ class ChannelTable:
             ]
             heapq.heapify(self._expiry_heap)
         return expired
+
+
+class PublishIds:
+    """Recent publish ids and the sequence and epoch each got, to answer retries.
+
+    Two plain dicts: ``add`` writes to the newer one, and ``rotate`` drops the older
+    one and starts a new one once the newer is ``window_s`` old, so an id is
+    remembered for at least ``window_s`` and at most twice that. A dict that only
+    ever holds strings is never tracked by the garbage collector, so keys and values
+    are strings. A hot worker keeps hundreds of thousands of ids; when they were
+    tracked tuples, every full collection stopped the loop for up to 0.1 s.
+    ``max_ids`` bounds the memory: past it, ``add`` rotates early (and ids younger
+    than the window may be forgotten; ``forgotten_early`` counts them).
+    """
+
+    def __init__(self, window_s: float, max_ids: int, now: float):
+        self.window_s = window_s
+        self.max_ids = max_ids
+        self.forgotten_early = 0
+        self._newer: dict = {}
+        self._older: dict = {}
+        self._newer_since = now
+
+    def __len__(self) -> int:
+        return len(self._newer) + len(self._older)
+
+    def get(self, publish_id: str) -> Optional[tuple]:
+        """``(channel, seq, epoch)`` of an id seen before, or None."""
+        value = self._newer.get(publish_id)
+        if value is None:
+            value = self._older.get(publish_id)
+            if value is None:
+                return None
+        seq, epoch, channel = value.split(":", 2)
+        return channel, int(seq), int(epoch)
+
+    def add(self, publish_id: str, channel: str, seq: int, epoch: int) -> None:
+        if len(self._newer) >= self.max_ids // 2:
+            self.forgotten_early += len(self._older)
+            self._older, self._newer = self._newer, {}
+        self._newer[publish_id] = f"{seq}:{epoch}:{channel}"
+
+    def rotate(self, now: float) -> bool:
+        """Forget the older half once the newer is ``window_s`` old; True if it did."""
+        if now - self._newer_since < self.window_s:
+            return False
+        self._older, self._newer = self._newer, {}
+        self._newer_since = now
+        return True
+
+    def tracked(self) -> bool:
+        """Whether the garbage collector tracks either dict (it never should)."""
+        return gc.is_tracked(self._newer) or gc.is_tracked(self._older)

@@ -61,13 +61,15 @@ class StorageConfig:
     disk), ``async`` (acknowledged at once, committed within ``flush_interval_ms``)
     or ``memory`` (nothing on disk). ``data_dir`` holds one SQLite file per worker;
     a relative path is relative to the working directory. ``publish_id_window_s``
-    is how long a publish id is remembered to answer retries.
+    is how long a publish id is remembered at least (at most twice that) to answer
+    an edge's retry; an edge retries only before its request timeout, so it must be
+    at least twice ``[edge] request_timeout_s`` (the rest allows for clock skew).
     """
 
     durability: str = "sync"
     data_dir: str = "var"
     flush_interval_ms: int = 100
-    publish_id_window_s: int = 600
+    publish_id_window_s: int = 10
     max_unflushed_ops: int = 50000
 
 
@@ -171,6 +173,10 @@ def parse_config(document: dict) -> ClusterConfig:
         raise ConfigError("ring_vnodes must be a positive integer")
     storage = StorageConfig(**_check_table(document.get("storage", {}), StorageConfig, "storage"))
     check_storage(storage)
+    if storage.publish_id_window_s < 2 * edge.request_timeout_s:
+        raise ConfigError(f"storage.publish_id_window_s ({storage.publish_id_window_s:g}) must be "
+                          f"at least twice edge.request_timeout_s ({edge.request_timeout_s:g}): "
+                          "an edge retries a publish until its request timeout")
     return ClusterConfig(tuple(workers), edge, limits, vnodes, storage)
 
 
@@ -181,6 +187,8 @@ def check_storage(storage: StorageConfig) -> StorageConfig:
                           f"not {storage.durability!r}")
     if storage.flush_interval_ms < 1:
         raise ConfigError("storage.flush_interval_ms must be at least 1")
+    if storage.publish_id_window_s <= 0:
+        raise ConfigError("storage.publish_id_window_s must be positive")
     if storage.max_unflushed_ops < 1:
         raise ConfigError("storage.max_unflushed_ops must be at least 1")
     return storage

@@ -32,19 +32,18 @@ answers it, flushes the store, marks it clean and exits.
 """
 
 import argparse
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import replace
 import logging
 import math
 import os
 import signal
 import time
-from typing import NamedTuple
 
 import zmq
 
 from . import protocol
-from .channel import ChannelTable
+from .channel import ChannelTable, PublishIds
 from .config import DURABILITY_MODES, ConfigError, check_storage, load_config
 from .httpwire import HttpError, validate_channel
 from .ring import Ring
@@ -61,13 +60,7 @@ _STOP_TIMEOUT_S = 10.0
 _MAX_CACHED_OWNERS = 65536
 
 
-class SeenPublish(NamedTuple):
-    """What a publish id got the first time (``at``: wall-clock seconds)."""
 
-    channel: str
-    seq: int
-    epoch: int
-    at: float
 _PER_MESSAGE_OVERHEAD_BYTES = 16  # msgpack framing of one [seq, data] pair, rounded up
 
 
@@ -110,7 +103,8 @@ class Worker:
         self._ready: list = []       # (socket, frames) to send at the end of this loop turn
         self._owners: dict = {}      # valid channel name -> its owner, for names seen lately
         self._reply_reveals_state = True  # set per request by _dispatch
-        self._publish_ids: OrderedDict = OrderedDict()  # id -> SeenPublish, oldest first
+        self._publish_ids = PublishIds(self.storage.publish_id_window_s, _MAX_PUBLISH_IDS,
+                                       clock())
 
     @property
     def store_path(self) -> str:
@@ -142,8 +136,7 @@ class Worker:
                 self.channels.restore(stored.name, epoch, stored.seq, stored.messages,
                                       stored.expires_at, stored.buffer_size)
             for seen in snapshot.publish_ids:
-                self._publish_ids[seen.publish_id] = SeenPublish(seen.name, seen.seq, seen.epoch,
-                                                                 seen.at)
+                self._publish_ids.add(seen.publish_id, seen.name, seen.seq, seen.epoch)
             if renumbered:
                 store.apply([renumbered])
         except (StoreError, ValueError) as exc:
@@ -301,17 +294,8 @@ class Worker:
             self._record(DeleteOp(name))
         if expired:
             log.debug("expired %d channels", len(expired))
-        cutoff = now - self.storage.publish_id_window_s
-        ids = self._publish_ids
-        pruned = 0
-        while ids:
-            oldest = next(iter(ids.values()))
-            if oldest.at >= cutoff and len(ids) <= _MAX_PUBLISH_IDS:
-                break
-            ids.popitem(last=False)
-            pruned += 1
-        if pruned:
-            self._record(PruneOp(cutoff))
+        if self._publish_ids.rotate(now):
+            self._record(PruneOp(now - self.storage.publish_id_window_s))
 
     def _drain_requests(self) -> bool:
         """Handle up to a batch of queued requests; False when none was waiting."""
@@ -459,12 +443,12 @@ class Worker:
         if publish_id is not None:
             seen = self._publish_ids.get(publish_id)
             if seen is not None:
-                if seen.channel != name:
+                channel_name, seq, epoch = seen
+                if channel_name != name:
                     raise protocol.ProtocolError(
                         f"publish_id {publish_id!r} was used for another channel")
                 self.counters.duplicate_publishes += 1
-                return protocol.encode_reply(request["id"], seq=seen.seq, epoch=seen.epoch,
-                                             duplicate=True)
+                return protocol.encode_reply(request["id"], seq=seq, epoch=epoch, duplicate=True)
         deadline_ms = request.get("deadline_ms")
         if deadline_ms is not None and now * 1000.0 > deadline_ms:
             self.counters.late_requests += 1
@@ -491,7 +475,7 @@ class Worker:
                                channel.expires_at, publish_id, now))
         if publish_id is not None:
             # A retry answered from here waits for the same commit as the first reply.
-            self._publish_ids[publish_id] = SeenPublish(name, message.seq, channel.epoch, now)
+            self._publish_ids.add(publish_id, name, message.seq, channel.epoch)
         self._publish_frames(channel, message, now)
         return protocol.encode_reply(request["id"], seq=message.seq, epoch=channel.epoch)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from firehose_zmq.channel import Channel, ChannelTable, Message, select_since
+from firehose_zmq.channel import Channel, ChannelTable, Message, PublishIds, select_since
 
 
 def buffered(first, last):
@@ -106,3 +106,27 @@ def test_delete_forgets_channel():
     assert table.delete("/a") is True
     assert table.delete("/a") is False
     assert table.get("/a", now=0.0) is None
+
+
+def test_publish_ids_answer_retries_for_at_least_the_window():
+    ids = PublishIds(window_s=10, max_ids=1000, now=100.0)
+    ids.add("e-1", "/a:b", 7, 123)
+    assert ids.get("e-1") == ("/a:b", 7, 123)
+    assert ids.get("e-2") is None
+    assert not ids.rotate(109.9)
+    assert ids.rotate(110.0)  # e-1 is now in the older half: still answered
+    ids.add("e-2", "/c", 1, 5)
+    assert ids.get("e-1") == ("/a:b", 7, 123) and ids.get("e-2") == ("/c", 1, 5)
+    assert ids.rotate(120.0)  # 20 s after e-1, 10 s after e-2
+    assert ids.get("e-1") is None and ids.get("e-2") == ("/c", 1, 5)
+    assert len(ids) == 1 and ids.forgotten_early == 0
+
+
+def test_publish_ids_stay_bounded_and_untracked_by_the_garbage_collector():
+    ids = PublishIds(window_s=10, max_ids=100, now=0.0)
+    for i in range(250):
+        ids.add(f"e-{i}", "/hot", i + 1, 9)
+    assert len(ids) <= 100
+    assert ids.get("e-249") == ("/hot", 250, 9) and ids.get("e-0") is None
+    assert ids.forgotten_early == 150
+    assert not ids.tracked()

@@ -42,12 +42,15 @@ def test_example_config_loads():
     ("[edge]\nport = 'x'\n", "edge.port must be"),
     ("[limits]\nmax_buffer_size = 10\ndefault_buffer_size = 50\n", "above"),
     ("not toml [", "not valid TOML"),
+    ("[storage]\npublish_id_window_s = 0\n", "must be positive"),
+    ("[edge]\nrequest_timeout_s = 8\n[storage]\npublish_id_window_s = 10\n",
+     "at least twice edge.request_timeout_s"),
 ])
 def test_bad_files_are_refused(tmp_path, text, message):
     workers = ("[[workers]]\nid='w1'\nrouter_bind='tcp://127.0.0.1:1'\n"
                "router_connect='tcp://127.0.0.1:1'\npub_bind='tcp://127.0.0.1:2'\n"
                "pub_connect='tcp://127.0.0.1:2'\n")
-    if text.startswith("[edge]") or text.startswith("[limits]"):
+    if text.startswith(("[edge]", "[limits]", "[storage]")):
         text = workers + text
     path = tmp_path / "c.toml"
     path.write_text(text)

@@ -196,14 +196,16 @@ class PublishIds:
     ever holds strings is never tracked by the garbage collector, so keys and values
     are strings. A hot worker keeps hundreds of thousands of ids; when they were
     tracked tuples, every full collection stopped the loop for up to 0.1 s.
-    ``max_ids`` bounds the memory: past it, ``add`` rotates early (and ids younger
-    than the window may be forgotten; ``forgotten_early`` counts them).
+    ``max_ids`` bounds the memory: when the newer dict holds half of it, ``add``
+    rotates early, and ``forgotten_early`` counts the ids that went before their
+    window was over. Ids added before ``kept_since`` are forgotten.
     """
 
     def __init__(self, window_s: float, max_ids: int, now: float):
         self.window_s = window_s
         self.max_ids = max_ids
         self.forgotten_early = 0
+        self.kept_since = now
         self._newer: dict = {}
         self._older: dict = {}
         self._newer_since = now
@@ -211,7 +213,7 @@ class PublishIds:
     def __len__(self) -> int:
         return len(self._newer) + len(self._older)
 
-    def get(self, publish_id: str) -> Optional[tuple]:
+    def get(self, publish_id) -> Optional[tuple]:
         """``(channel, seq, epoch)`` of an id seen before, or None."""
         value = self._newer.get(publish_id)
         if value is None:
@@ -221,19 +223,24 @@ class PublishIds:
         seq, epoch, channel = value.split(":", 2)
         return channel, int(seq), int(epoch)
 
-    def add(self, publish_id: str, channel: str, seq: int, epoch: int) -> None:
+    def add(self, publish_id, channel: str, seq: int, epoch: int, now: float) -> None:
+        """Remember ``publish_id`` (str or bytes: both are atomic for the collector)."""
         if len(self._newer) >= self.max_ids // 2:
-            self.forgotten_early += len(self._older)
-            self._older, self._newer = self._newer, {}
+            if now - self._newer_since < self.window_s:
+                self.forgotten_early += len(self._older)
+            self._shift(now)
         self._newer[publish_id] = f"{seq}:{epoch}:{channel}"
 
     def rotate(self, now: float) -> bool:
         """Forget the older half once the newer is ``window_s`` old; True if it did."""
         if now - self._newer_since < self.window_s:
             return False
-        self._older, self._newer = self._newer, {}
-        self._newer_since = now
+        self._shift(now)
         return True
+
+    def _shift(self, now: float) -> None:
+        self._older, self._newer = self._newer, {}
+        self.kept_since, self._newer_since = self._newer_since, now
 
     def tracked(self) -> bool:
         """Whether the garbage collector tracks either dict (it never should)."""

@@ -61,15 +61,16 @@ class StorageConfig:
     disk), ``async`` (acknowledged at once, committed within ``flush_interval_ms``)
     or ``memory`` (nothing on disk). ``data_dir`` holds one SQLite file per worker;
     a relative path is relative to the working directory. ``publish_id_window_s``
-    is how long a publish id is remembered at least (at most twice that) to answer
-    an edge's retry; an edge retries only before its request timeout, so it must be
-    at least twice ``[edge] request_timeout_s`` (the rest allows for clock skew).
+    is how long a publish id is remembered at least (at most twice that, and less
+    when a worker holds over a million) to answer a retry: an edge's own, which
+    comes before its request timeout, so it must be at least twice ``[edge]
+    request_timeout_s``, or a native client's (docs/native-zeromq.md).
     """
 
     durability: str = "sync"
     data_dir: str = "var"
     flush_interval_ms: int = 100
-    publish_id_window_s: int = 10
+    publish_id_window_s: int = 600
     max_unflushed_ops: int = 50000
 
 

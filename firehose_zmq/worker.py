@@ -105,6 +105,8 @@ class Worker:
         self._reply_reveals_state = True  # set per request by _dispatch
         self._publish_ids = PublishIds(self.storage.publish_id_window_s, _MAX_PUBLISH_IDS,
                                        clock())
+        self._ids_kept_since = self._publish_ids.kept_since  # the store is pruned when it moves
+        self._ids_forgotten_reported = 0
 
     @property
     def store_path(self) -> str:
@@ -136,7 +138,7 @@ class Worker:
                 self.channels.restore(stored.name, epoch, stored.seq, stored.messages,
                                       stored.expires_at, stored.buffer_size)
             for seen in snapshot.publish_ids:
-                self._publish_ids.add(seen.publish_id, seen.name, seen.seq, seen.epoch)
+                self._publish_ids.add(seen.publish_id, seen.name, seen.seq, seen.epoch, now)
             if renumbered:
                 store.apply([renumbered])
         except (StoreError, ValueError) as exc:
@@ -294,8 +296,19 @@ class Worker:
             self._record(DeleteOp(name))
         if expired:
             log.debug("expired %d channels", len(expired))
-        if self._publish_ids.rotate(now):
-            self._record(PruneOp(now - self.storage.publish_id_window_s))
+        ids = self._publish_ids
+        ids.rotate(now)
+        if ids.kept_since > self._ids_kept_since:
+            # The store forgets ids past the window when memory rotates (a restart
+            # loads the window's worth, like memory after a rotation by size).
+            self._ids_kept_since = ids.kept_since
+            self._record(PruneOp(min(ids.kept_since, now - self.storage.publish_id_window_s)))
+        if ids.forgotten_early > self._ids_forgotten_reported:
+            log.warning("worker %s forgot %d publish ids before publish_id_window_s (%d s): "
+                        "over %d ids; a retry of one of them would be stored again",
+                        self.me.id, ids.forgotten_early - self._ids_forgotten_reported,
+                        self.storage.publish_id_window_s, ids.max_ids)
+            self._ids_forgotten_reported = ids.forgotten_early
 
     def _drain_requests(self) -> bool:
         """Handle up to a batch of queued requests; False when none was waiting."""
@@ -475,7 +488,7 @@ class Worker:
                                channel.expires_at, publish_id, now))
         if publish_id is not None:
             # A retry answered from here waits for the same commit as the first reply.
-            self._publish_ids.add(publish_id, name, message.seq, channel.epoch)
+            self._publish_ids.add(publish_id, name, message.seq, channel.epoch, now)
         self._publish_frames(channel, message, now)
         return protocol.encode_reply(request["id"], seq=message.seq, epoch=channel.epoch)
 

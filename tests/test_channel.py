@@ -110,23 +110,34 @@ def test_delete_forgets_channel():
 
 def test_publish_ids_answer_retries_for_at_least_the_window():
     ids = PublishIds(window_s=10, max_ids=1000, now=100.0)
-    ids.add("e-1", "/a:b", 7, 123)
+    ids.add("e-1", "/a:b", 7, 123, now=100.0)
     assert ids.get("e-1") == ("/a:b", 7, 123)
     assert ids.get("e-2") is None
     assert not ids.rotate(109.9)
     assert ids.rotate(110.0)  # e-1 is now in the older half: still answered
-    ids.add("e-2", "/c", 1, 5)
-    assert ids.get("e-1") == ("/a:b", 7, 123) and ids.get("e-2") == ("/c", 1, 5)
+    ids.add(b"e-2", "/c", 1, 5, now=110.0)  # a native client's id may be bytes
+    assert ids.get("e-1") == ("/a:b", 7, 123) and ids.get(b"e-2") == ("/c", 1, 5)
     assert ids.rotate(120.0)  # 20 s after e-1, 10 s after e-2
-    assert ids.get("e-1") is None and ids.get("e-2") == ("/c", 1, 5)
-    assert len(ids) == 1 and ids.forgotten_early == 0
+    assert ids.get("e-1") is None and ids.get(b"e-2") == ("/c", 1, 5)
+    assert (len(ids), ids.kept_since, ids.forgotten_early) == (1, 110.0, 0)
 
 
 def test_publish_ids_stay_bounded_and_untracked_by_the_garbage_collector():
     ids = PublishIds(window_s=10, max_ids=100, now=0.0)
     for i in range(250):
-        ids.add(f"e-{i}", "/hot", i + 1, 9)
+        ids.add(f"e-{i}", "/hot", i + 1, 9, now=i / 100)
     assert len(ids) <= 100
     assert ids.get("e-249") == ("/hot", 250, 9) and ids.get("e-0") is None
     assert ids.forgotten_early == 150
     assert not ids.tracked()
+
+
+def test_a_rotation_by_size_restarts_the_window():
+    """Ids moved to the older half by the size bound still get a whole window."""
+    ids = PublishIds(window_s=10, max_ids=100, now=0.0)
+    for i in range(51):  # e-0..e-49 over 0-9.8 s; e-50 at 9.9 s finds the newer half full
+        ids.add(f"e-{i}", "/hot", i + 1, 9, now=i * 0.198)
+    assert not ids.rotate(10.0)
+    assert ids.get("e-49") == ("/hot", 50, 9) and ids.kept_since == 0.0
+    assert ids.rotate(20.0)
+    assert ids.get("e-49") is None and ids.get("e-50") == ("/hot", 51, 9)

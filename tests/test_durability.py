@@ -168,8 +168,7 @@ def test_late_publish_is_refused_and_not_stored(cluster):
 def test_publish_in_flight_is_resent_when_the_worker_comes_back(tmp_path):
     """A publish the worker never read (hung, then killed) is sent again after the restart
     and answered 202 once, with the next sequence."""
-    with Cluster(tmp_path, extra_config="request_timeout_s = 12.0",
-                 storage_config="publish_id_window_s = 30") as cluster:
+    with Cluster(tmp_path, extra_config="request_timeout_s = 12.0") as cluster:
         channel = fresh("w1")
         assert publish(cluster, channel, b"one").status == 202
         mark = len(cluster.edge.lines)

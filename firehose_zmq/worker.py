@@ -58,9 +58,6 @@ _EXPIRE_EVERY_S = 1.0
 _MAX_PUBLISH_IDS = 1_000_000
 _STOP_TIMEOUT_S = 10.0
 _MAX_CACHED_OWNERS = 65536
-
-
-
 _PER_MESSAGE_OVERHEAD_BYTES = 16  # msgpack framing of one [seq, data] pair, rounded up
 
 

@@ -30,14 +30,13 @@ from collections import deque
 import gc
 import heapq
 import itertools
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 
-class Message(NamedTuple):
-    """One published message of a channel."""
-
-    seq: int
-    data: bytes
+# A buffered message is a plain ``(seq, data)`` tuple. CPython stops tracking a tuple
+# of atomic values in the garbage collector, while a NamedTuple stays tracked, and a
+# worker buffers up to millions of messages: 5,000 channels x 100 messages made a
+# full collection take 22 ms as NamedTuples and 5 ms as tuples.
 
 
 def select_since(seq: int, buffered, last_seq: int) -> list:
@@ -67,13 +66,14 @@ class Channel:
         self.buffer: deque = deque()
         # The newest message even when the buffer keeps none (buffer size 0): the
         # worker re-sends it to a new subscriber to close the subscribe race.
-        self.last: Optional[Message] = None
+        self.last: Optional[tuple] = None  # (seq, data)
         self.expires_at: Optional[float] = None
 
-    def publish(self, data: bytes, buffer_size: int, expires_at: Optional[float]) -> Message:
-        """Append a message, trim the buffer to ``buffer_size`` and set the expiry."""
+    def publish(self, data: bytes, buffer_size: int, expires_at: Optional[float]) -> tuple:
+        """Append a message, trim the buffer to ``buffer_size`` and set the expiry;
+        returns the message, ``(seq, data)``."""
         self.seq += 1
-        message = Message(self.seq, data)
+        message = (self.seq, data)
         self.last = message
         buffer = self.buffer
         buffer.append(message)
@@ -88,7 +88,7 @@ class Channel:
 
     def after(self, seq: int) -> list:
         """Every buffered message with a sequence above ``seq`` (for filling gaps)."""
-        return [m for m in self.buffer if m.seq > seq]
+        return [m for m in self.buffer if m[0] > seq]
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -133,9 +133,9 @@ class ChannelTable:
         ``messages`` must be contiguous and end at ``seq`` (what ``publish`` keeps);
         raises ValueError otherwise, so a damaged store is noticed, not served.
         """
-        buffered = [Message(s, d) for s, d in messages][-buffer_size:] if buffer_size else []
-        for i, message in enumerate(buffered):
-            if message.seq != seq - len(buffered) + 1 + i:
+        buffered = [(s, d) for s, d in messages][-buffer_size:] if buffer_size else []
+        for i, (message_seq, _) in enumerate(buffered):
+            if message_seq != seq - len(buffered) + 1 + i:
                 raise ValueError(f"stored messages of {name!r} are not contiguous up to {seq}")
         if seq < 0 or epoch <= 0:
             raise ValueError(f"stored channel {name!r} has seq {seq} and epoch {epoch}")

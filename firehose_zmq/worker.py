@@ -357,8 +357,9 @@ class Worker:
         ttl = None
         if channel.expires_at is not None:
             ttl = max(0, math.ceil(channel.expires_at - now))
+        seq, data = message
         self._send(self._xpub, protocol.encode_message(protocol.PubMessage(
-            channel.name, message.seq, channel.epoch, message.data, ttl)))
+            channel.name, seq, channel.epoch, data, ttl)))
 
     # -- requests --------------------------------------------------------------
 
@@ -426,7 +427,7 @@ class Worker:
             found = channel.after(since) if request.get("after") else channel.since(since)
             found = self._fit_reply(found, request.get("limit"))
             return protocol.encode_reply(request_id, seq=channel.seq, epoch=channel.epoch,
-                                         messages=[[m.seq, m.data] for m in found])
+                                         messages=found)
         # op == "delete"
         existed = self.channels.delete(name)
         if existed:
@@ -441,8 +442,8 @@ class Worker:
         """
         budget = self.limits.max_message_bytes
         used = 0
-        for count, message in enumerate(found[:limit] if limit else found):
-            used += len(message.data) + _PER_MESSAGE_OVERHEAD_BYTES
+        for count, (_, data) in enumerate(found[:limit] if limit else found):
+            used += len(data) + _PER_MESSAGE_OVERHEAD_BYTES
             if used > budget and count > 0:
                 return found[:count]
         return found[:limit] if limit else found
@@ -480,14 +481,15 @@ class Worker:
                 f"buffer_size {buffer_size} is above the maximum {limits.max_buffer_size}")
         ttl_s = None if request.get("persist") else request.get("ttl", limits.default_ttl_s)
         channel, message = self.channels.publish(name, data, now, ttl_s, buffer_size)
+        seq = message[0]
         self.counters.published += 1
-        self._record(PublishOp(name, channel.epoch, message.seq, data, buffer_size,
+        self._record(PublishOp(name, channel.epoch, seq, data, buffer_size,
                                channel.expires_at, publish_id, now))
         if publish_id is not None:
             # A retry answered from here waits for the same commit as the first reply.
-            self._publish_ids.add(publish_id, name, message.seq, channel.epoch, now)
+            self._publish_ids.add(publish_id, name, seq, channel.epoch, now)
         self._publish_frames(channel, message, now)
-        return protocol.encode_reply(request["id"], seq=message.seq, epoch=channel.epoch)
+        return protocol.encode_reply(request["id"], seq=seq, epoch=channel.epoch)
 
 
 def main(argv=None) -> int:

@@ -2,11 +2,13 @@
 
 import pytest
 
-from firehose_zmq.channel import Channel, ChannelTable, Message, PublishIds, select_since
+import gc
+
+from firehose_zmq.channel import Channel, ChannelTable, PublishIds, select_since
 
 
 def buffered(first, last):
-    return [Message(seq, f"m{seq}".encode()) for seq in range(first, last + 1)]
+    return [(seq, f"m{seq}".encode()) for seq in range(first, last + 1)]
 
 
 # (case, S, buffered (first, last) or None, c, expected sequences) — PROTOCOL.md §5
@@ -30,17 +32,17 @@ RULES = [
 def test_buffer_rules_table(case, seq, span, last_seq, expected):
     """Each row of PROTOCOL.md §5 delivers exactly the listed messages, oldest first."""
     messages = buffered(*span) if span else []
-    assert [m.seq for m in select_since(seq, messages, last_seq)] == expected
+    assert [seq for seq, _ in select_since(seq, messages, last_seq)] == expected
 
 
 def test_publish_numbers_messages_and_trims_buffer():
     """Sequences count 1, 2, 3 and the buffer keeps only the newest K."""
     channel = Channel("/a", epoch=1)
     for i in range(1, 6):
-        assert channel.publish(f"m{i}".encode(), buffer_size=3, expires_at=None).seq == i
-    assert [m.seq for m in channel.buffer] == [3, 4, 5]
+        assert channel.publish(f"m{i}".encode(), buffer_size=3, expires_at=None) == (i, f"m{i}".encode())
+    assert [seq for seq, _ in channel.buffer] == [3, 4, 5]
     channel.publish(b"m6", buffer_size=1, expires_at=None)
-    assert [m.seq for m in channel.buffer] == [6]
+    assert [seq for seq, _ in channel.buffer] == [6]
 
 
 def test_buffer_size_zero_keeps_no_history_but_remembers_last():
@@ -48,7 +50,7 @@ def test_buffer_size_zero_keeps_no_history_but_remembers_last():
     channel = Channel("/a", epoch=1)
     channel.publish(b"x", buffer_size=0, expires_at=None)
     assert channel.since(0) == []
-    assert channel.last == Message(1, b"x")
+    assert channel.last == (1, b"x")
 
 
 def test_after_returns_every_buffered_message_above():
@@ -56,8 +58,8 @@ def test_after_returns_every_buffered_message_above():
     channel = Channel("/a", epoch=1)
     for i in range(5):
         channel.publish(b"m", buffer_size=3, expires_at=None)
-    assert [m.seq for m in channel.after(0)] == [3, 4, 5]
-    assert [m.seq for m in channel.after(4)] == [5]
+    assert [seq for seq, _ in channel.after(0)] == [3, 4, 5]
+    assert [seq for seq, _ in channel.after(4)] == [5]
 
 
 def make_table():
@@ -69,12 +71,12 @@ def test_expired_channel_starts_again_at_one_with_a_newer_epoch():
     """After its TTL a channel is gone; the next publish is sequence 1 of a larger epoch."""
     table = make_table()
     first, message = table.publish("/a", b"x", now=100.0, ttl_s=10, buffer_size=5)
-    assert message.seq == 1
+    assert message == (1, b"x")
     table.publish("/a", b"y", now=105.0, ttl_s=10, buffer_size=5)
     assert table.get("/a", now=114.9) is not None
     assert table.get("/a", now=115.0) is None
     second, message = table.publish("/a", b"z", now=116.0, ttl_s=10, buffer_size=5)
-    assert message.seq == 1
+    assert message == (1, b"z")
     assert second.epoch > first.epoch
 
 
@@ -120,6 +122,16 @@ def test_publish_ids_answer_retries_for_at_least_the_window():
     assert ids.rotate(120.0)  # 20 s after e-1, 10 s after e-2
     assert ids.get("e-1") is None and ids.get(b"e-2") == ("/c", 1, 5)
     assert (len(ids), ids.kept_since, ids.forgotten_early) == (1, 110.0, 0)
+
+
+def test_buffered_messages_are_not_tracked_by_the_garbage_collector():
+    """Plain (seq, data) tuples: CPython untracks them at the first collection they
+    survive, so full collections do not walk every buffered message."""
+    channel = Channel("/a", epoch=1)
+    for i in range(10):
+        channel.publish(b"m", buffer_size=5, expires_at=None)
+    gc.collect()
+    assert not any(gc.is_tracked(m) for m in channel.buffer)
 
 
 def test_publish_ids_stay_bounded_and_untracked_by_the_garbage_collector():

@@ -80,13 +80,13 @@ class Item:
         return cached[1]
 
     def encoded(self, encoder) -> bytes:
-        """``encoder(seq, data)``, built once per item and encoder: every listener of a
+        """``encoder(item)``, built once per item and encoder: every listener of a
         transport gets the same bytes."""
         if self._encoded is None:
             self._encoded = {}
         body = self._encoded.get(encoder)
         if body is None:
-            body = self._encoded[encoder] = encoder(self.seq, self.data)
+            body = self._encoded[encoder] = encoder(self)
         return body
 
 

@@ -35,7 +35,6 @@ sees it too); one that half-closes after a publish gets its answer first.
 """
 
 import asyncio
-import logging
 import os
 import re
 import socket
@@ -43,6 +42,7 @@ import time
 
 import tornado.httpserver
 import tornado.iostream
+from tornado import httputil
 
 from . import httpwire, streamwire, wsframe
 from .backend import BackendError
@@ -50,7 +50,6 @@ from .faststreams import FastEventStream, FastWebSocket
 from .httpwire import HttpError, Subscription
 from .streams import EVENT_STREAM_TYPE
 
-log = logging.getLogger("firehose.edge")
 
 MAX_HEAD_BYTES = 65536  # a longer request head goes to Tornado, which refuses it
 IDLE_SWEEP_S = 60.0
@@ -180,8 +179,8 @@ def _channel(path: str):
     return None if httpwire.is_reserved(channel) else channel
 
 
-def _ok_answer(seq: int, data: bytes) -> bytes:
-    body = httpwire.message_json(data, seq)
+def _ok_answer(item) -> bytes:
+    body = item.json()
     return b"%s%d\r\n\r\n%s" % (_OK_JSON, len(body), body)
 
 
@@ -313,8 +312,7 @@ class FastConnection(asyncio.Protocol):
             self._begin_poll(channel, how)
             return True
         self._body = (end + 4, end + 4 + length, channel, how)
-        self._start_publish()
-        return True
+        return self._start_publish()
 
     def _read_head(self, head: bytes, end: int):
         """What a head not seen before asks for: a ``_POLL`` or ``_PUBLISH`` entry
@@ -443,7 +441,8 @@ class FastConnection(asyncio.Protocol):
             if self._eof and self._transport is not None:
                 self._transport.close()  # the client stopped before its body ended
             return False
-        data = bytes(self._buf[start:total])
+        with memoryview(self._buf) as view:
+            data = bytes(view[start:total])  # one copy of a body of up to megabytes
         del self._buf[:total]
         self._body = None
         self._busy = True
@@ -452,13 +451,16 @@ class FastConnection(asyncio.Protocol):
 
     # -- answers -----------------------------------------------------------------
 
-    def _answer(self, data: bytes) -> None:
+    def _answer(self, data: bytes, body: bytes = b"") -> None:
         self._busy = False
         self._poll = None
         transport = self._transport
         if transport is None:
             return
-        transport.write(data)
+        if body:
+            transport.writelines((data, body))  # one system call, no copy of the body
+        else:
+            transport.write(data)
         self._last_active = time.monotonic()
         if self._close_after or (self._eof and not self._buf):
             self._buf.clear()  # nothing after a closing answer is served
@@ -468,7 +470,7 @@ class FastConnection(asyncio.Protocol):
 
     def _error_answer(self, status: int, reason: str) -> bytes:
         body = reason.replace("\n", " ").encode()
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        head = (f"HTTP/1.1 {status} {httputil.responses.get(status, 'Error')}\r\n"
                 f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n")
         return head.encode() + self._extra + b"\r\n" + body
 
@@ -484,8 +486,8 @@ class FastConnection(asyncio.Protocol):
             return self._answer(_NO_CONTENT + self._extra + b"\r\n")
         item = result[1]
         if self._extra:
-            body = item.json()
-            return self._answer(b"%s%d\r\n%s\r\n%s" % (_OK_JSON, len(body), self._extra, body))
+            body = item.json()  # not copied into each waiter's answer
+            return self._answer(b"%s%d\r\n%s\r\n" % (_OK_JSON, len(body), self._extra), body)
         self._answer(item.encoded(_ok_answer))  # the same bytes for every waiter
 
     def _published(self, future) -> None:
@@ -539,4 +541,3 @@ class FastConnection(asyncio.Protocol):
         self._server.serve_with_tornado(sock, self._address, prefix)
 
 
-_REASONS = {400: "Bad Request", 413: "Payload Too Large", 503: "Service Unavailable"}

@@ -16,8 +16,8 @@ import logging
 import time
 from collections import deque
 
-from . import httpwire, streamwire, wsframe
-from .streams import EventStream, SocketSession
+from . import wsframe
+from .streams import EventStream, SocketSession, channel_event_of
 
 log = logging.getLogger("firehose.streams")
 
@@ -28,8 +28,8 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _chunked_channel_event(seq: int, data: bytes) -> bytes:
-    return _chunk(streamwire.channel_event(seq, data))
+def _chunked_channel_event(item) -> bytes:
+    return _chunk(item.encoded(channel_event_of))
 
 
 class FastEventStream(EventStream):
@@ -89,11 +89,15 @@ class FastEventStream(EventStream):
             status, reason = self.edge.backend_error_status(self.failed)
             self.conn.stream_ended(self._error_answer(status, reason))
             return
-        self.conn.stream_ended(b"0\r\n\r\n")
+        # Whatever is still queued first: the head, when the edge stopped before the
+        # replay was done and the stream never started.
+        self._queued.append(b"0\r\n\r\n")
+        queued, self._queued = self._queued, []
+        self.conn.stream_ended(b"".join(queued))
 
 
-def _text_frame_of_json(seq: int, data: bytes) -> bytes:
-    return wsframe.encode_text(httpwire.message_json(data, seq))
+def _text_frame_of_json(item) -> bytes:
+    return wsframe.encode_text(item.json())
 
 
 class FastWebSocket:
@@ -143,7 +147,11 @@ class FastWebSocket:
                     self._finish(wsframe.close_reply(event))
             elif kind is wsframe.ProtocolError:
                 self.session.count_bad_frame(event.reason)
-                self._finish(wsframe.encode_close(event.code, event.reason))
+                if self._closing:  # no close frame will come now: end without waiting
+                    self.gone()
+                    self.conn.stream_ended(b"")
+                else:
+                    self._finish(wsframe.encode_close(event.code, event.reason))
         if self._inbox and self._worker is None:
             self._start(self._work())
 

@@ -43,7 +43,7 @@ import time
 import tornado.routing
 import tornado.websocket
 
-from . import httpwire, streamwire
+from . import httpwire, streamwire, wsframe
 from .fanout import Listener
 from .httpwire import HttpError
 
@@ -183,7 +183,7 @@ class SocketSession:
         self.edge.metrics.incr(time.time(), "slow_readers_closed")
         log.info("closing a WebSocket from %s: its reader is too far behind", self.link.peer)
         self.end()
-        self.link.close(1008, "the client reads too slowly")
+        self.link.close(wsframe.CLOSE_POLICY_VIOLATION, "the client reads too slowly")
 
     def frame_for(self, channel: str, item) -> bytes:
         """The payload of a message's frame."""
@@ -405,12 +405,17 @@ async def serve_event_stream(handler, edge, subscriptions, multiplexed: bool) ->
     await HandlerEventStream(handler, edge, subscriptions, multiplexed).run()
 
 
+def channel_event_of(item) -> bytes:
+    """The single-channel event of an ``Item`` (an ``Item.encoded`` encoder)."""
+    return streamwire.channel_event(item.seq, item.data)
+
+
 class EventStream:
     """One ``text/event-stream`` response over one or more channels.
 
     The subscriptions, the replay, keep-alives and slow readers are here; the
     subclasses own the connection: ``HandlerEventStream`` answers through a
-    Tornado handler, ``fastpath.FastEventStream`` writes to an asyncio transport.
+    Tornado handler, ``faststreams.FastEventStream`` writes to an asyncio transport.
     """
 
     def __init__(self, edge, subscriptions, multiplexed: bool):
@@ -436,7 +441,7 @@ class EventStream:
 
     def write_item(self, item) -> None:
         """Write one message of a single-channel stream."""
-        self.write(item.encoded(streamwire.channel_event))
+        self.write(item.encoded(channel_event_of))
 
     def flush(self) -> None:
         raise NotImplementedError
@@ -452,8 +457,6 @@ class EventStream:
     def conclude(self) -> None:
         """The stream has ended: finish the answer, or answer ``failed`` if nothing was sent."""
         raise NotImplementedError
-
-    peer = "?"
 
     # -- the stream ----------------------------------------------------------------
 

@@ -71,9 +71,9 @@ def test_item_encodings_are_built_once():
     """json_with_channel and encoded() return the same bytes object every time."""
     built = []
 
-    def encoder(seq, data):
-        built.append(seq)
-        return b"%d:%s" % (seq, data)
+    def encoder(item):
+        built.append(item.seq)
+        return b"%d:%s" % (item.seq, item.data)
 
     item = Item(4, b"x")
     assert item.json_with_channel("/a") is item.json_with_channel("/a")

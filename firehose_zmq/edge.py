@@ -49,6 +49,7 @@ class Edge:
         self.native = NativeEndpoints(config, self.backend, context=context) if native else None
         self.streams: set = set()  # open WebSockets and event streams (streams.py)
         self.server = None
+        self.stopping = False  # set by stop(): a long-poll started now is answered 204 at once
 
     def _on_message(self, message) -> None:
         self.fanout.on_message(message)
@@ -79,6 +80,7 @@ class Edge:
     async def stop(self) -> None:
         """Stop accepting, answer every waiting long-poll with 204, let publishes in
         flight get their answer (bounded by the request timeout), close the links."""
+        self.stopping = True
         if self.server is not None:
             self.server.stop()
         for poll in self.timeouts.pending():
@@ -90,8 +92,6 @@ class Edge:
             log.info("edge stopping: waiting for %d publish(es) in flight", len(publishes))
             await asyncio.wait(publishes, timeout=self.config.edge.request_timeout_s + 1.0)
             await asyncio.sleep(0)  # let their handlers write the answers
-        for poll in self.timeouts.pending():  # polls that began while publishes finished
-            poll.expire()
         if self.server is not None:
             try:
                 await asyncio.wait_for(asyncio.gather(self.server.close_fast_connections(),
@@ -137,8 +137,12 @@ class Edge:
         return 503, f"Service unavailable: {exc}"
 
     def poll(self, subscriptions, on_done) -> Poll:
-        """Start a long-poll; ``on_done(result, exc)`` ends it (see ``Poll``)."""
-        return Poll(self.fanout, self.timeouts, subscriptions, on_done)
+        """Start a long-poll; ``on_done(result, exc)`` ends it (see ``Poll``), at once
+        when the edge is stopping and no message is waiting (the client re-polls)."""
+        poll = Poll(self.fanout, self.timeouts, subscriptions, on_done)
+        if self.stopping:
+            poll.expire()
+        return poll
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -268,10 +272,8 @@ class ChannelHandler(BaseHandler):
                 return
             if not (length.isascii() and length.isdigit()):
                 length = 0
-            elif len(length) > 18:  # int() of thousands of digits fails; this is past any limit
-                length = _DISCARD_LIMIT_FACTOR * limit + 1
             else:
-                length = int(length)
+                length = httpwire.digits_value(length, _DISCARD_LIMIT_FACTOR * limit + 1)
             if length > limit:
                 self.body_too_large = True
                 if length > _DISCARD_LIMIT_FACTOR * limit:

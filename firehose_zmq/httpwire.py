@@ -18,6 +18,12 @@ _INTEGER = re.compile(r"[-+]?[0-9]+")
 _FORBIDDEN_NAME_BYTES = re.compile(rb"[\x00-\x1f\x7f!,]")
 
 
+def digits_value(digits: str, past: int) -> int:
+    """The value of a string of ASCII digits, or ``past`` when it has more significant
+    digits than any bound here (``int()`` of thousands of digits fails)."""
+    return past if len(digits.lstrip("0")) > _MAX_DIGITS else int(digits)
+
+
 class HttpError(Exception):
     """An HTTP error answer: ``status`` and a one-line ``reason``."""
 
@@ -95,9 +101,7 @@ def _ttl_value(text: str, source: str) -> int:
     text = text.strip().strip('"')
     if not text.isascii() or not text.isdigit():
         raise HttpError(400, f"{source} must be a non-negative integer number of seconds")
-    if len(text.lstrip("0")) > _MAX_DIGITS:
-        return MAX_SEQUENCE
-    return min(int(text), MAX_SEQUENCE)
+    return min(digits_value(text, MAX_SEQUENCE), MAX_SEQUENCE)
 
 
 def parse_publish_headers(headers, default_ttl_s: int, default_buffer_size: int,
@@ -126,8 +130,8 @@ def parse_publish_headers(headers, default_ttl_s: int, default_buffer_size: int,
     size = headers.get("X-Firehose-Buffer-Size")
     if size is not None:
         size = size.strip()
-        if (not size.isascii() or not size.isdigit() or len(size.lstrip("0")) > _MAX_DIGITS
-                or int(size) > max_buffer_size):
+        if (not size.isascii() or not size.isdigit()
+                or digits_value(size, max_buffer_size + 1) > max_buffer_size):
             raise HttpError(400, "X-Firehose-Buffer-Size must be an integer from 0 to "
                                  f"{max_buffer_size}")
         buffer_size = int(size)

@@ -286,15 +286,18 @@ class Backend:
                 entry = link.pending.get(request_id)
                 if entry is None:
                     continue  # failed meanwhile (the worker went down, the edge is closing)
-                try:
-                    if dealer.closed:
-                        raise zmq.Again()
-                    send(dealer, body, NOBLOCK)
-                except zmq.Again:
-                    del link.pending[request_id]
-                    if not entry.future.done():
-                        entry.future.set_exception(
-                            WorkerUnavailable(f"worker {link.id} is not connected"))
+                failure = "is not connected"
+                if not dealer.closed:
+                    try:
+                        send(dealer, body, NOBLOCK)
+                        continue
+                    except zmq.Again:
+                        pass
+                    except zmq.ZMQError as exc:  # any other: fail this request, send the rest
+                        failure = f"could not be sent to: {exc}"
+                del link.pending[request_id]
+                if not entry.future.done():
+                    entry.future.set_exception(WorkerUnavailable(f"worker {link.id} {failure}"))
             link.reader.soon()
 
     def pending_publishes(self) -> list:

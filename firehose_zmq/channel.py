@@ -27,7 +27,6 @@ expiry are tested without waiting.
 """
 
 from collections import deque
-import gc
 import heapq
 import itertools
 from typing import Callable, Optional
@@ -206,6 +205,7 @@ class PublishIds:
         self.max_ids = max_ids
         self.forgotten_early = 0
         self.kept_since = now
+        self._reported_since = now
         self._newer: dict = {}
         self._older: dict = {}
         self._newer_since = now
@@ -231,17 +231,22 @@ class PublishIds:
             self._shift(now)
         self._newer[publish_id] = f"{seq}:{epoch}:{channel}"
 
-    def rotate(self, now: float) -> bool:
-        """Forget the older half once the newer is ``window_s`` old; True if it did."""
-        if now - self._newer_since < self.window_s:
-            return False
-        self._shift(now)
-        return True
+    def rotate(self, now: float) -> Optional[float]:
+        """Forget the older half once the newer is ``window_s`` old. Returns the new
+        ``kept_since`` when ids were forgotten since the last call (here, or by the
+        size bound in ``add``), else None."""
+        if now - self._newer_since >= self.window_s:
+            self._shift(now)
+        if self.kept_since == self._reported_since:
+            return None
+        self._reported_since = self.kept_since
+        return self.kept_since
+
+    def take_forgotten_early(self) -> int:
+        """How many ids went before their window since the last call."""
+        count, self.forgotten_early = self.forgotten_early, 0
+        return count
 
     def _shift(self, now: float) -> None:
         self._older, self._newer = self._newer, {}
         self.kept_since, self._newer_since = self._newer_since, now
-
-    def tracked(self) -> bool:
-        """Whether the garbage collector tracks either dict (it never should)."""
-        return gc.is_tracked(self._newer) or gc.is_tracked(self._older)

@@ -102,8 +102,6 @@ class Worker:
         self._reply_reveals_state = True  # set per request by _dispatch
         self._publish_ids = PublishIds(self.storage.publish_id_window_s, _MAX_PUBLISH_IDS,
                                        clock())
-        self._ids_kept_since = self._publish_ids.kept_since  # the store is pruned when it moves
-        self._ids_forgotten_reported = 0
 
     @property
     def store_path(self) -> str:
@@ -294,18 +292,16 @@ class Worker:
         if expired:
             log.debug("expired %d channels", len(expired))
         ids = self._publish_ids
-        ids.rotate(now)
-        if ids.kept_since > self._ids_kept_since:
+        kept_since = ids.rotate(now)
+        if kept_since is not None:
             # The store forgets ids past the window when memory rotates (a restart
             # loads the window's worth, like memory after a rotation by size).
-            self._ids_kept_since = ids.kept_since
-            self._record(PruneOp(min(ids.kept_since, now - self.storage.publish_id_window_s)))
-        if ids.forgotten_early > self._ids_forgotten_reported:
+            self._record(PruneOp(min(kept_since, now - self.storage.publish_id_window_s)))
+        forgotten = ids.take_forgotten_early()
+        if forgotten:
             log.warning("worker %s forgot %d publish ids before publish_id_window_s (%d s): "
                         "over %d ids; a retry of one of them would be stored again",
-                        self.me.id, ids.forgotten_early - self._ids_forgotten_reported,
-                        self.storage.publish_id_window_s, ids.max_ids)
-            self._ids_forgotten_reported = ids.forgotten_early
+                        self.me.id, forgotten, self.storage.publish_id_window_s, ids.max_ids)
 
     def _drain_requests(self) -> bool:
         """Handle up to a batch of queued requests; False when none was waiting."""

@@ -115,11 +115,11 @@ def test_publish_ids_answer_retries_for_at_least_the_window():
     ids.add("e-1", "/a:b", 7, 123, now=100.0)
     assert ids.get("e-1") == ("/a:b", 7, 123)
     assert ids.get("e-2") is None
-    assert not ids.rotate(109.9)
-    assert ids.rotate(110.0)  # e-1 is now in the older half: still answered
+    assert ids.rotate(109.9) is None
+    assert ids.rotate(110.0) is None  # e-1 moves to the older half; nothing is forgotten
     ids.add(b"e-2", "/c", 1, 5, now=110.0)  # a native client's id may be bytes
     assert ids.get("e-1") == ("/a:b", 7, 123) and ids.get(b"e-2") == ("/c", 1, 5)
-    assert ids.rotate(120.0)  # 20 s after e-1, 10 s after e-2
+    assert ids.rotate(120.0) == 110.0  # 20 s after e-1, 10 s after e-2
     assert ids.get("e-1") is None and ids.get(b"e-2") == ("/c", 1, 5)
     assert (len(ids), ids.kept_since, ids.forgotten_early) == (1, 110.0, 0)
 
@@ -140,8 +140,8 @@ def test_publish_ids_stay_bounded_and_untracked_by_the_garbage_collector():
         ids.add(f"e-{i}", "/hot", i + 1, 9, now=i / 100)
     assert len(ids) <= 100
     assert ids.get("e-249") == ("/hot", 250, 9) and ids.get("e-0") is None
-    assert ids.forgotten_early == 150
-    assert not ids.tracked()
+    assert ids.take_forgotten_early() == 150 and ids.take_forgotten_early() == 0
+    assert not any(gc.is_tracked(half) for half in (ids._newer, ids._older))
 
 
 def test_a_rotation_by_size_restarts_the_window():
@@ -149,7 +149,7 @@ def test_a_rotation_by_size_restarts_the_window():
     ids = PublishIds(window_s=10, max_ids=100, now=0.0)
     for i in range(51):  # e-0..e-49 over 0-9.8 s; e-50 at 9.9 s finds the newer half full
         ids.add(f"e-{i}", "/hot", i + 1, 9, now=i * 0.198)
-    assert not ids.rotate(10.0)
+    assert ids.rotate(10.0) is None
     assert ids.get("e-49") == ("/hot", 50, 9) and ids.kept_since == 0.0
-    assert ids.rotate(20.0)
+    assert ids.rotate(20.0) is not None
     assert ids.get("e-49") is None and ids.get("e-50") == ("/hot", 51, 9)

@@ -176,11 +176,10 @@ async def serve(kind: str, port: int, lifetime_s: float) -> None:
     try:
         await asyncio.sleep(lifetime_s)
     finally:
+        server.close()
         if child is not None:
             child.kill()
             child.wait()
-    await asyncio.sleep(lifetime_s)
-    server.close()
 
 
 def main(argv=None) -> int:

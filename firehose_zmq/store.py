@@ -58,8 +58,8 @@ SCHEMA_VERSION = 2
 # commit touches few pages (each one is written to the WAL and synced): a publish
 # adds a message next to its channel's others and trims the oldest ones beside it,
 # and publish ids are appended in time order and pruned from the old end.
-_TABLES = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+_META_TABLE = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID"
+_TABLES = _META_TABLE + """;
 CREATE TABLE IF NOT EXISTS channels (
     name TEXT PRIMARY KEY, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
     buffer_size INTEGER NOT NULL, expires_at REAL) WITHOUT ROWID;
@@ -215,8 +215,7 @@ class Store:
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) "
-                             "WITHOUT ROWID")
+            self._db.execute(_META_TABLE)
             version = self._meta("schema_version")
             if version is None:
                 self._db.executescript(_SCHEMA)

@@ -49,7 +49,6 @@ _DEADLINE_MARGIN_S = 0.5
 # A timer may run up to a clock tick early (uvloop's are in milliseconds); a
 # deadline that close counts as come.
 _TIMER_SLACK_S = 0.001
-_MAX_CACHED_OWNERS = 65536
 
 
 class BackendError(Exception):
@@ -169,7 +168,6 @@ class Backend:
         # deadline order, and the timer only has to be due at the oldest one.
         self._sweep = None
         self._send_scheduled = False
-        self._owners: dict = {}  # channel -> owner, for the channels seen lately
         self.rejected_frames = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -222,13 +220,7 @@ class Backend:
     # -- routing ---------------------------------------------------------------
 
     def owner(self, channel: str) -> str:
-        owner = self._owners.get(channel)
-        if owner is None:
-            owner = self.ring.owner(channel)
-            if len(self._owners) >= _MAX_CACHED_OWNERS:
-                self._owners.clear()
-            self._owners[channel] = owner
-        return owner
+        return self.ring.owner(channel)
 
     def is_up(self, worker_id: str) -> bool:
         return self._links[worker_id].alive

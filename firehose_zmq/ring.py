@@ -12,6 +12,7 @@ import bisect
 import hashlib
 
 DEFAULT_VNODES = 160
+MAX_REMEMBERED = 65536  # owners of the channels seen lately; the memo is emptied when full
 
 
 def stable_hash64(data: bytes) -> int:
@@ -40,11 +41,16 @@ class Ring:
         self.worker_ids = tuple(sorted(ids))
         identity = "\n".join(self.worker_ids) + f"\nvnodes={vnodes}"
         self.version = hashlib.blake2b(identity.encode(), digest_size=4).hexdigest()
+        self._remembered: dict = {}  # channel -> owner: every request asks, a hash is dear
 
     def owner(self, channel: str) -> str:
         """The worker id that owns ``channel``."""
-        point = stable_hash64(channel.encode("utf-8", "surrogateescape"))
-        i = bisect.bisect_left(self._hashes, point)
-        if i == len(self._hashes):
-            i = 0
-        return self._owners[i]
+        owner = self._remembered.get(channel)
+        if owner is None:
+            point = stable_hash64(channel.encode("utf-8", "surrogateescape"))
+            i = bisect.bisect_left(self._hashes, point)
+            owner = self._owners[i if i < len(self._hashes) else 0]
+            if len(self._remembered) >= MAX_REMEMBERED:
+                self._remembered.clear()
+            self._remembered[channel] = owner
+        return owner

@@ -57,7 +57,7 @@ _POLL_MS = 100
 _EXPIRE_EVERY_S = 1.0
 _MAX_PUBLISH_IDS = 1_000_000
 _STOP_TIMEOUT_S = 10.0
-_MAX_CACHED_OWNERS = 65536
+_MAX_VALID_NAMES = 65536
 _PER_MESSAGE_OVERHEAD_BYTES = 16  # msgpack framing of one [seq, data] pair, rounded up
 
 
@@ -98,7 +98,7 @@ class Worker:
         self._ops: list = []         # store operations of the current loop turn
         self._outbox: deque = deque()  # (ticket, socket, frames) waiting for a commit
         self._ready: list = []       # (socket, frames) to send at the end of this loop turn
-        self._owners: dict = {}      # valid channel name -> its owner, for names seen lately
+        self._valid_names: set = set()  # channel names that passed validation lately
         self._reply_reveals_state = True  # set per request by _dispatch
         self._publish_ids = PublishIds(self.storage.publish_id_window_s, _MAX_PUBLISH_IDS,
                                        clock())
@@ -387,16 +387,15 @@ class Worker:
 
     def _owned_channel(self, request) -> str:
         name = request["channel"]
-        owner = self._owners.get(name)
-        if owner is None:
+        if name not in self._valid_names:
             try:
                 name = validate_channel(name)
             except HttpError as exc:
                 raise protocol.ProtocolError(exc.reason) from None
-            owner = self.ring.owner(name)
-            if len(self._owners) >= _MAX_CACHED_OWNERS:
-                self._owners.clear()
-            self._owners[name] = owner
+            if len(self._valid_names) >= _MAX_VALID_NAMES:
+                self._valid_names.clear()
+            self._valid_names.add(name)
+        owner = self.ring.owner(name)
         if owner != self.me.id:
             raise protocol.ProtocolError(
                 f"worker {self.me.id} does not own {name!r} (owner {owner}) in ring "

@@ -48,7 +48,7 @@ from . import httpwire, streamwire, wsframe
 from .backend import BackendError
 from .faststreams import FastEventStream, FastWebSocket
 from .httpwire import HttpError, Subscription
-from .streams import EVENT_STREAM_TYPE
+from .streams import EVENT_STREAM_HEADERS, EVENT_STREAM_TYPE
 
 
 MAX_HEAD_BYTES = 65536  # a longer request head goes to Tornado, which refuses it
@@ -70,9 +70,9 @@ _CRLF2 = b"\r\n\r\n"
 _OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
 _NO_CONTENT = b"HTTP/1.1 204 No Content\r\n"
 _ACCEPTED = b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nX-Firehose-Sequence: "
-_EVENT_STREAM = (b"HTTP/1.1 200 OK\r\nContent-Type: " + EVENT_STREAM_TYPE.encode()
-                 + b"; charset=utf-8\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n"
-                 b"Transfer-Encoding: chunked\r\n")
+_EVENT_STREAM = ("HTTP/1.1 200 OK\r\n"
+                 + "".join(f"{name}: {value}\r\n" for name, value in EVENT_STREAM_HEADERS)
+                 + "Transfer-Encoding: chunked\r\n").encode()
 
 
 class EdgeHTTPServer(tornado.httpserver.HTTPServer):

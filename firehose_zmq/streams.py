@@ -50,6 +50,9 @@ from .httpwire import HttpError
 log = logging.getLogger("firehose.streams")
 
 EVENT_STREAM_TYPE = "text/event-stream"
+# The head of every event stream's 200 answer, on either path.
+EVENT_STREAM_HEADERS = (("Content-Type", EVENT_STREAM_TYPE + "; charset=utf-8"),
+                        ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
 
 
 class Outbox:
@@ -570,9 +573,8 @@ class HandlerEventStream(EventStream):
     def begin(self) -> None:
         handler = self.handler
         handler.set_status(200)
-        handler.set_header("Content-Type", EVENT_STREAM_TYPE + "; charset=utf-8")
-        handler.set_header("Cache-Control", "no-cache")
-        handler.set_header("X-Accel-Buffering", "no")
+        for name, value in EVENT_STREAM_HEADERS:
+            handler.set_header(name, value)
         handler.poll_in_flight = self
 
     def write(self, chunk: bytes) -> None:

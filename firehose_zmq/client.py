@@ -55,8 +55,8 @@ from urllib.parse import urlencode, urlsplit
 
 import zmq
 
-from . import protocol
-from .httpwire import HttpError, validate_channel
+from .wire import frames
+from .wire.names import InvalidName, check_channel
 
 log = logging.getLogger("firehose.client")
 
@@ -514,8 +514,8 @@ class SubscriberCore:
         self.channels = {}
         for name, since in channels.items():
             try:
-                validate_channel(name)
-            except HttpError as exc:
+                check_channel(name)
+            except InvalidName as exc:
                 raise ValueError(f"{name!r}: {exc.reason}") from None
             if isinstance(since, bool) or not isinstance(since, int) or since < 0:
                 raise ValueError(f"{name!r}: the sequence to resume from must be an int >= 0")
@@ -539,7 +539,7 @@ class SubscriberCore:
         self.rejected_frames = 0
 
     def topics(self) -> list:
-        return [protocol.topic(name) for name in self.channels]
+        return [frames.topic(name) for name in self.channels]
 
     def start(self, now: float) -> None:
         for state in self.channels.values():
@@ -547,10 +547,10 @@ class SubscriberCore:
 
     # -- inputs -----------------------------------------------------------------
 
-    def on_message(self, frames, now: float) -> None:
+    def on_message(self, parts, now: float) -> None:
         try:
-            message = protocol.decode_message(frames, self.max_bytes)
-        except protocol.ProtocolError as exc:
+            message = frames.decode_message(parts, self.max_bytes)
+        except frames.ProtocolError as exc:
             self.rejected_frames += 1
             log.warning("dropped a bad message frame: %s", exc)
             return
@@ -558,12 +558,12 @@ class SubscriberCore:
         if state is not None:
             self._live(state, message.seq, message.epoch, message.data, now)
 
-    def on_reply(self, frames, now: float) -> None:
+    def on_reply(self, parts, now: float) -> None:
         try:
-            if len(frames) != 1:
-                raise protocol.ProtocolError(f"a reply has 1 frame, not {len(frames)}")
-            reply = protocol.decode_reply(frames[0], self.max_bytes)
-        except protocol.ProtocolError as exc:
+            if len(parts) != 1:
+                raise frames.ProtocolError(f"a reply has 1 frame, not {len(parts)}")
+            reply = frames.decode_reply(parts[0], self.max_bytes)
+        except frames.ProtocolError as exc:
             self.rejected_frames += 1
             log.warning("dropped a bad reply: %s", exc)
             return
@@ -652,7 +652,7 @@ class SubscriberCore:
         if not initial or since > 0:
             fields["after"] = True  # every buffered message above since
         self._pending[request_id] = (state, now + self.request_timeout_s, initial)
-        self.outbox.append([protocol.encode_request(fields)])
+        self.outbox.append([frames.encode_request(fields)])
 
     def _retry_later(self, state, now: float) -> None:
         state.retry_wait_s = min(max(0.1, state.retry_wait_s * 2), 5.0)
@@ -719,8 +719,8 @@ def subscriber_program(core: SubscriberCore, idle_timeout_s: Optional[float] = N
             last_event_at = clock()
         while core.events:
             yield Emit(core.events.popleft())
-        for frames in core.outbox:
-            yield ZmqSend(frames)
+        for parts in core.outbox:
+            yield ZmqSend(parts)
         core.outbox.clear()
         now = clock()
         timeout_s = core.next_timeout_s(now)
@@ -731,11 +731,11 @@ def subscriber_program(core: SubscriberCore, idle_timeout_s: Optional[float] = N
             timeout_s = min(timeout_s, idle_left_s)
         received = yield ZmqWait(timeout_s)
         now = clock()
-        for kind, frames in received:
+        for kind, parts in received:
             if kind == "sub":
-                core.on_message(frames, now)
+                core.on_message(parts, now)
             else:
-                core.on_reply(frames, now)
+                core.on_reply(parts, now)
         core.tick(now)
 
 
@@ -773,9 +773,9 @@ class _ZmqIo:
                     break
         return received
 
-    def send(self, frames) -> None:
+    def send(self, parts) -> None:
         try:
-            self.dealer.send_multipart(frames, zmq.NOBLOCK)
+            self.dealer.send_multipart(parts, zmq.NOBLOCK)
         except zmq.Again:
             pass  # not connected yet: the request times out and is retried
 

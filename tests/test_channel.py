@@ -4,7 +4,7 @@ import pytest
 
 import gc
 
-from firehose_zmq.channel import Channel, ChannelTable, PublishIds, select_since
+from firehose_zmq.worker.channel import Channel, ChannelTable, PublishIds, select_since
 
 
 def buffered(first, last):

@@ -4,29 +4,30 @@ import random
 
 import pytest
 
-from firehose_zmq import client, protocol
+from firehose_zmq import client
+from firehose_zmq.wire import frames
 from firehose_zmq.client import Message, SubscriberCore
 
 EPOCH = 1000
 
 
 def live(channel, seq, epoch=EPOCH, data=None):
-    return protocol.encode_message(protocol.PubMessage(
+    return frames.encode_message(frames.PubMessage(
         channel, seq, epoch, data if data is not None else b"m%d" % seq, None))
 
 
-def decode(frames):
-    return protocol.decode_request(frames[0], 1 << 20)
+def decode(parts):
+    return frames.decode_request(parts[0], 1 << 20)
 
 
 def answer(core, now=0.0, seq=0, epoch=EPOCH, messages=(), ok=True):
     """Answer the oldest request in the core's outbox; returns that request."""
     request = decode(core.outbox.pop(0))
     if ok:
-        body = protocol.encode_reply(request["id"], seq=seq, epoch=epoch,
+        body = frames.encode_reply(request["id"], seq=seq, epoch=epoch,
                                      messages=[[s, b"m%d" % s] for s in messages])
     else:
-        body = protocol.encode_error(request["id"], "unavailable", "down", "r")
+        body = frames.encode_error(request["id"], "unavailable", "down", "r")
     core.on_reply([body], now)
     return request
 
@@ -127,7 +128,7 @@ def test_failed_fetch_is_retried_and_late_reply_ignored():
     answer(core, now=2.0, ok=False)
     core.tick(2.0 + core.next_timeout_s(2.0))
     answer(core, now=3.0, seq=2, messages=[2])
-    late = protocol.encode_reply(decode(lost)["id"], seq=9, epoch=EPOCH, messages=[[9, b"x"]])
+    late = frames.encode_reply(decode(lost)["id"], seq=9, epoch=EPOCH, messages=[[9, b"x"]])
     core.on_reply([late], 3.0)
     assert events(core) == [(2, b"m2")]
 

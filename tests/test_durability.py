@@ -9,7 +9,7 @@ import time
 import pytest
 import zmq
 
-from firehose_zmq import protocol
+from firehose_zmq.wire import frames
 
 from .cluster import Cluster, channel_on
 from .http import request
@@ -57,8 +57,8 @@ def worker_call(cluster, worker_id, **request_fields):
     dealer.setsockopt(zmq.RCVTIMEO, 5000)
     try:
         dealer.connect(cluster.endpoints[worker_id][0])
-        dealer.send(protocol.encode_request({"id": 1, **request_fields}))
-        return protocol.decode_reply(dealer.recv(), 1 << 20)
+        dealer.send(frames.encode_request({"id": 1, **request_fields}))
+        return frames.decode_reply(dealer.recv(), 1 << 20)
     finally:
         dealer.close()
 

@@ -2,8 +2,8 @@
 
 import asyncio
 
-from firehose_zmq.backend import WorkerUnavailable
-from firehose_zmq.fanout import Fanout, Item, Listener
+from firehose_zmq.edge.backend import WorkerUnavailable
+from firehose_zmq.edge.fanout import Fanout, Item, Listener
 
 
 class FakeBackend:

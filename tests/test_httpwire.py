@@ -2,8 +2,8 @@
 
 import pytest
 
-from firehose_zmq import httpwire
-from firehose_zmq.httpwire import HttpError
+from firehose_zmq.wire import http
+from firehose_zmq.wire.http import HttpError
 
 
 def headers(**values):
@@ -11,7 +11,7 @@ def headers(**values):
 
 
 def parse(h, max_buffer=10000):
-    return httpwire.parse_publish_headers(h, 86400, 100, max_buffer)
+    return http.parse_publish_headers(h, 86400, 100, max_buffer)
 
 
 def test_publish_defaults():
@@ -49,35 +49,35 @@ def test_buffer_size_bounds():
 @pytest.mark.parametrize("value, expected", [(None, 0), ("", 0), ("0", 0), ("17", 17),
                                              (" 3 ", 3), ("+4", 4), (5, 5)])
 def test_sequences(value, expected):
-    assert httpwire.parse_sequence(value) == expected
+    assert http.parse_sequence(value) == expected
 
 
 @pytest.mark.parametrize("value", ["-1", "x", "1.0", "+-1", "--1", str(2**64), True, 2.5])
 def test_bad_sequences(value):
     with pytest.raises(HttpError):
-        httpwire.parse_sequence(value)
+        http.parse_sequence(value)
 
 
 def test_negative_sequence_reason_is_firehose_text():
     with pytest.raises(HttpError, match="may not be less than zero"):
-        httpwire.parse_sequence("-3")
+        http.parse_sequence("-3")
 
 
 @pytest.mark.parametrize("path", ["a", "/a!", "/a,b", "/a\x01", "/a\x7f", "/" + "x" * 1024])
 def test_bad_channel_paths(path):
     with pytest.raises(HttpError):
-        httpwire.channel_from_path(path)
+        http.channel_from_path(path)
 
 
 def test_channel_path_limits():
-    assert httpwire.channel_from_path("/" + "x" * 1023) == "/" + "x" * 1023
-    assert httpwire.channel_from_path("/caf%C3%A9") == "/caf%C3%A9"
+    assert http.channel_from_path("/" + "x" * 1023) == "/" + "x" * 1023
+    assert http.channel_from_path("/caf%C3%A9") == "/caf%C3%A9"
     # Raw UTF-8 bytes arrive from Tornado as latin-1 characters.
-    assert httpwire.channel_from_path("/café".encode().decode("latin-1")) == "/café"
+    assert http.channel_from_path("/café".encode().decode("latin-1")) == "/café"
 
 
 def test_subscribe_query():
-    subs = httpwire.parse_subscribe_query("/a!3,/b!0,/c,/a!9")
+    subs = http.parse_subscribe_query("/a!3,/b!0,/c,/a!9")
     assert [(s.channel, s.last_sequence) for s in subs] == [("/a", 3), ("/b", 0), ("/c", 0)]
 
 
@@ -85,18 +85,18 @@ def test_subscribe_query():
                                    "/a,,/b"])
 def test_bad_subscribe_query(value):
     with pytest.raises(HttpError):
-        httpwire.parse_subscribe_query(value)
+        http.parse_subscribe_query(value)
 
 
 def test_subscribe_body_forms():
-    subs = httpwire.parse_subscribe_body(
+    subs = http.parse_subscribe_body(
         b'{"/a": 3, "/b": "4", "/c": {"message_sequence": 5, "params": {"k": "v"}}, "/d": null}')
     assert [(s.channel, s.last_sequence, s.params) for s in subs] == [
         ("/a", 3, {}), ("/b", 4, {}), ("/c", 5, {"k": "v"}), ("/d", 0, {})]
 
 
 def test_message_json_is_compact_and_ordered():
-    assert httpwire.message_json(b'a"b\n', 3) == b'{"message":"a\\"b\\n","last_sequence":3}'
-    assert httpwire.message_json("é".encode(), 1, "/c") == \
+    assert http.message_json(b'a"b\n', 3) == b'{"message":"a\\"b\\n","last_sequence":3}'
+    assert http.message_json("é".encode(), 1, "/c") == \
         '{"channel":"/c","message":"é","last_sequence":1}'.encode()
-    assert httpwire.message_json(b"\xff", 1) == '{"message":"\ufffd","last_sequence":1}'.encode()
+    assert http.message_json(b"\xff", 1) == '{"message":"\ufffd","last_sequence":1}'.encode()

@@ -5,8 +5,8 @@ import time
 import pytest
 import zmq
 
-from firehose_zmq.channel import ChannelTable
-from firehose_zmq.store import (DeleteOp, EpochOp, PruneOp, PublishOp, Store, StoreError,
+from firehose_zmq.worker.channel import ChannelTable
+from firehose_zmq.worker.store import (DeleteOp, EpochOp, PruneOp, PublishOp, Store, StoreError,
                                 StoreWriter)
 
 

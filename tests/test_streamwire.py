@@ -1,9 +1,9 @@
-"""The stream transports' wire rules (streamwire.py), without sockets."""
+"""The stream transports' wire rules (events.py), without sockets."""
 
 import pytest
 
-from firehose_zmq import streamwire as sw
-from firehose_zmq.httpwire import HttpError, Subscription
+from firehose_zmq.wire import events as sw
+from firehose_zmq.wire.http import HttpError, Subscription
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -6,9 +6,9 @@ import msgpack
 import pytest
 import zmq
 
-from firehose_zmq import protocol
+from firehose_zmq.wire import frames
 from firehose_zmq.config import ClusterConfig, Limits, WorkerConfig
-from firehose_zmq.worker import Worker
+from firehose_zmq.worker.server import Worker
 
 _ids = itertools.count()
 
@@ -28,7 +28,7 @@ def worker():
 
 def call(worker, **request):
     request.setdefault("id", next(_ids))
-    return msgpack.unpackb(worker.handle_request(protocol.encode_request(request)), raw=False)
+    return msgpack.unpackb(worker.handle_request(frames.encode_request(request)), raw=False)
 
 
 def test_publish_then_fetch_since(worker):

@@ -8,8 +8,8 @@ import random
 import pytest
 import tornado.websocket
 
-from firehose_zmq import wsframe as wf
-from firehose_zmq.httpwire import HttpError
+from firehose_zmq.wire import websocket as wf
+from firehose_zmq.wire.http import HttpError
 
 RFC_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 RFC_ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3

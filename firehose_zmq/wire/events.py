@@ -23,7 +23,7 @@ position of every channel of the stream, in the ``?subscribe=`` syntax with
 percent-encoded names (``/a!3,/b!0``), so a reconnecting browser resumes every
 channel where it was.
 
-Nothing here does I/O; errors are ``httpwire.HttpError``.
+Nothing here does I/O; errors are ``http.HttpError``.
 """
 
 import json
@@ -31,8 +31,8 @@ import re
 from typing import NamedTuple
 from urllib.parse import quote, unquote
 
-from . import httpwire
-from .httpwire import HttpError, Subscription
+from . import http
+from .http import HttpError, Subscription
 
 PONG_FRAME = b'{"pong":"PONG"}'
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
@@ -52,7 +52,7 @@ PING = _Ping()
 
 
 class Subscribe(NamedTuple):
-    subscriptions: tuple  # of httpwire.Subscription, channels unique, in frame order
+    subscriptions: tuple  # of http.Subscription, channels unique, in frame order
 
 
 class Unsubscribe(NamedTuple):
@@ -96,7 +96,7 @@ def parse_channel_frame(text, channel: str, url_params: dict):
     if not _SUBSCRIBE_KEYS.intersection(frame):
         return Ignored("the frame is neither a ping nor a subscription")
     try:
-        sub = httpwire.subscription_from_value(channel, frame)
+        sub = http.subscription_from_value(channel, frame)
     except HttpError as exc:
         return Rejected(exc.reason)
     return Subscribe((Subscription(channel, sub.last_sequence, {**url_params, **sub.params}),))
@@ -107,9 +107,9 @@ def _subscription_entry(entry) -> Subscription:
         raise HttpError(400, "each multiplex_subscribe entry must be an object with a channel")
     if "channel" not in entry:
         raise HttpError(400, "a multiplex_subscribe entry has no channel")
-    channel = httpwire.subscription_channel(entry["channel"])
+    channel = http.subscription_channel(entry["channel"])
     spec = {key: value for key, value in entry.items() if key != "channel"}
-    return httpwire.subscription_from_value(channel, spec)
+    return http.subscription_from_value(channel, spec)
 
 
 def parse_multiplex_frame(text):
@@ -149,7 +149,7 @@ def parse_multiplex_frame(text):
 def subscription_failed_frame(reason: str, channel=None) -> bytes:
     """``{"error":"Subscription failed","reason":...}`` (plus ``"channel"`` when known)."""
     if channel is None:
-        return httpwire.subscription_failed_json(reason)
+        return http.subscription_failed_json(reason)
     return json.dumps({"error": "Subscription failed", "channel": channel, "reason": reason},
                       separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -162,7 +162,7 @@ def _data_lines(text: str) -> str:
 
 def channel_event(seq: int, data: bytes) -> bytes:
     """One event of a single-channel stream: ``id: <seq>`` and the payload's lines."""
-    return f"id: {seq}\n{_data_lines(httpwire.payload_text(data))}\n".encode("utf-8")
+    return f"id: {seq}\n{_data_lines(http.payload_text(data))}\n".encode("utf-8")
 
 
 def multiplex_event_id(positions: dict) -> str:
@@ -183,7 +183,7 @@ def parse_last_event_id(value):
     """A single-channel stream's ``Last-Event-ID``: None when absent or empty."""
     if value is None or not value.strip():
         return None
-    return httpwire.parse_sequence(value, "Last-Event-ID")
+    return http.parse_sequence(value, "Last-Event-ID")
 
 
 def parse_multiplex_event_id(value) -> dict:
@@ -191,7 +191,7 @@ def parse_multiplex_event_id(value) -> dict:
     if value is None or not value.strip():
         return {}
     try:
-        subscriptions = httpwire.parse_subscribe_query(unquote(value.strip()))
+        subscriptions = http.parse_subscribe_query(unquote(value.strip()))
     except HttpError as exc:
         raise HttpError(400, f"Last-Event-ID: {exc.reason}") from None
     return {sub.channel: sub.last_sequence for sub in subscriptions}

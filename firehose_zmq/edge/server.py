@@ -17,13 +17,15 @@ import time
 
 import tornado.web
 
-from . import httpwire, streams
+from ..wire import http
+
+from . import streams
 from .backend import Backend, BackendError, RequestRejected
-from .config import ConfigError, load_config
+from ..config import ConfigError, load_config
 from .fanout import Fanout, Poll, Timeouts
-from .fastpath import EdgeHTTPServer
-from .httpwire import HttpError, Subscription
-from .metrics import TimeSeries
+from .connection import EdgeHTTPServer
+from ..wire.http import HttpError, Subscription
+from ..metrics import TimeSeries
 from .native import NativeEndpoints
 
 log = logging.getLogger("firehose.edge")
@@ -256,10 +258,10 @@ class ChannelHandler(BaseHandler):
         if method in ("POST", "PATCH"):
             raise tornado.web.HTTPError(405)
         try:
-            self.channel = httpwire.channel_from_path(self.request.path)
+            self.channel = http.channel_from_path(self.request.path)
         except HttpError as exc:
             return self.answer(exc.status, exc.reason)
-        if httpwire.is_reserved(self.channel) and method != "HEAD":
+        if http.is_reserved(self.channel) and method != "HEAD":
             if method == "PUT":
                 return self.answer(400, "Channel names containing @firehose are reserved")
             return self.answer(404, f"Unknown endpoint {self.channel}")
@@ -273,7 +275,7 @@ class ChannelHandler(BaseHandler):
             if not (length.isascii() and length.isdigit()):
                 length = 0
             else:
-                length = httpwire.digits_value(length, _DISCARD_LIMIT_FACTOR * limit + 1)
+                length = http.digits_value(length, _DISCARD_LIMIT_FACTOR * limit + 1)
             if length > limit:
                 self.body_too_large = True
                 if length > _DISCARD_LIMIT_FACTOR * limit:
@@ -302,7 +304,7 @@ class ChannelHandler(BaseHandler):
         if self.body_too_large:
             return self.answer(413, f"Message body is larger than {limits.max_message_bytes} bytes")
         try:
-            options = httpwire.parse_publish_headers(self.request.headers, limits.default_ttl_s,
+            options = http.parse_publish_headers(self.request.headers, limits.default_ttl_s,
                                                      limits.default_buffer_size,
                                                      limits.max_buffer_size)
         except HttpError as exc:
@@ -318,7 +320,7 @@ class ChannelHandler(BaseHandler):
     async def get(self, *args):
         query = self.get_query_argument("last_message_sequence", None)
         try:
-            last_seq = httpwire.parse_sequence(query)
+            last_seq = http.parse_sequence(query)
         except HttpError as exc:
             return self.answer(exc.status, exc.reason)
         params = {name: self.get_query_argument(name) for name in self.request.query_arguments
@@ -351,18 +353,18 @@ class MultiplexHandler(BaseHandler):
     allow = "GET, POST"
 
     async def get(self):
-        await self._subscribe(lambda: httpwire.parse_subscribe_query(
+        await self._subscribe(lambda: http.parse_subscribe_query(
             self.get_query_argument("subscribe", None)),
             event_stream=streams.wants_event_stream(self.request))
 
     async def post(self):
-        await self._subscribe(lambda: httpwire.parse_subscribe_body(self.request.body))
+        await self._subscribe(lambda: http.parse_subscribe_body(self.request.body))
 
     async def _subscribe(self, parse, event_stream: bool = False):
         try:
             subscriptions = parse()
         except HttpError as exc:
-            return self.answer_json(httpwire.subscription_failed_json(exc.reason), exc.status)
+            return self.answer_json(http.subscription_failed_json(exc.reason), exc.status)
         if event_stream:
             return await streams.serve_event_stream(self, self.edge, subscriptions, True)
         await self.long_poll(subscriptions, multiplexed=True)
@@ -462,6 +464,3 @@ def main(argv=None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -43,9 +43,13 @@ import time
 import tornado.routing
 import tornado.websocket
 
-from . import httpwire, streamwire, wsframe
+from ..wire import http
+
+from ..wire import events
+
+from ..wire import websocket
 from .fanout import Listener
-from .httpwire import HttpError
+from ..wire.http import HttpError
 
 log = logging.getLogger("firehose.streams")
 
@@ -186,7 +190,7 @@ class SocketSession:
         self.edge.metrics.incr(time.time(), "slow_readers_closed")
         log.info("closing a WebSocket from %s: its reader is too far behind", self.link.peer)
         self.end()
-        self.link.close(wsframe.CLOSE_POLICY_VIOLATION, "the client reads too slowly")
+        self.link.close(websocket.CLOSE_POLICY_VIOLATION, "the client reads too slowly")
 
     def frame_for(self, channel: str, item) -> bytes:
         """The payload of a message's frame."""
@@ -196,20 +200,20 @@ class SocketSession:
 
     async def on_message(self, text) -> None:
         if isinstance(text, bytes):
-            result = streamwire.Ignored("binary frames are not part of the protocol")
+            result = events.Ignored("binary frames are not part of the protocol")
         elif self.multiplexed:
-            result = streamwire.parse_multiplex_frame(text)
+            result = events.parse_multiplex_frame(text)
         else:
-            result = streamwire.parse_channel_frame(text, self.channel, self.url_params)
-        if result is streamwire.PING:
-            self.link.send(streamwire.PONG_FRAME)
-        elif isinstance(result, streamwire.Subscribe):
+            result = events.parse_channel_frame(text, self.channel, self.url_params)
+        if result is events.PING:
+            self.link.send(events.PONG_FRAME)
+        elif isinstance(result, events.Subscribe):
             await self.subscribe(result.subscriptions)
-        elif isinstance(result, streamwire.Unsubscribe):
+        elif isinstance(result, events.Unsubscribe):
             self.unsubscribe(result.channels)
-        elif isinstance(result, streamwire.Rejected):
+        elif isinstance(result, events.Rejected):
             self.count_bad_frame(result.reason)
-            self.link.send(streamwire.subscription_failed_frame(result.reason))
+            self.link.send(events.subscription_failed_frame(result.reason))
         else:
             self.count_bad_frame(result.reason)
 
@@ -226,7 +230,7 @@ class SocketSession:
         if len(self.listeners) + len(fresh) > limit:
             reason = f"a socket may subscribe to at most {limit} channels"
             self.count_bad_frame(reason)
-            self.link.send(streamwire.subscription_failed_frame(reason))
+            self.link.send(events.subscription_failed_frame(reason))
             return
         loop = asyncio.get_running_loop()
         now = time.time()
@@ -274,7 +278,7 @@ class SocketSession:
             return
         if self.listeners.get(listener.channel) is listener:
             self.unsubscribe([listener.channel])
-        self.link.send(streamwire.subscription_failed_frame(f"Service unavailable: {exc}",
+        self.link.send(events.subscription_failed_frame(f"Service unavailable: {exc}",
                                                             listener.channel))
 
 
@@ -303,7 +307,7 @@ class _Socket(tornado.websocket.WebSocketHandler):
             self.set_status(exc.status)
             if self.json_errors:
                 self.set_header("Content-Type", "application/json")
-                return self.finish(streamwire.subscription_failed_frame(exc.reason))
+                return self.finish(events.subscription_failed_frame(exc.reason))
             self.set_header("Content-Type", "text/plain; charset=utf-8")
             return self.finish(exc.reason.replace("\n", " "))
         await super().get(*args, **kwargs)
@@ -359,8 +363,8 @@ class ChannelSocket(_Socket):
     """A WebSocket on one channel: its first subscribe frame subscribes."""
 
     def url_session(self) -> tuple:
-        channel = httpwire.channel_from_path(self.request.path)
-        if httpwire.is_reserved(channel):
+        channel = http.channel_from_path(self.request.path)
+        if http.is_reserved(channel):
             raise HttpError(404, f"Unknown endpoint {channel}")
         url_params = {name: self.get_query_argument(name)
                       for name in self.request.query_arguments
@@ -375,7 +379,7 @@ class MultiplexSocket(_Socket):
 
     def url_session(self) -> tuple:
         value = self.get_query_argument("subscribe", None)
-        subscriptions = httpwire.parse_subscribe_query(value) if value else ()
+        subscriptions = http.parse_subscribe_query(value) if value else ()
         return SocketSession(self.edge, self), subscriptions
 
 
@@ -392,12 +396,12 @@ async def serve_event_stream(handler, edge, subscriptions, multiplexed: bool) ->
     last_event_id = handler.request.headers.get("Last-Event-ID")
     try:
         if multiplexed:
-            resume = streamwire.parse_multiplex_event_id(last_event_id)
+            resume = events.parse_multiplex_event_id(last_event_id)
             subscriptions = [sub._replace(last_sequence=resume.get(sub.channel,
                                                                    sub.last_sequence))
                              for sub in subscriptions]
         else:
-            seq = streamwire.parse_last_event_id(last_event_id)
+            seq = events.parse_last_event_id(last_event_id)
             if seq is not None:
                 subscriptions = [sub._replace(last_sequence=seq) for sub in subscriptions]
     except HttpError as exc:
@@ -410,7 +414,7 @@ async def serve_event_stream(handler, edge, subscriptions, multiplexed: bool) ->
 
 def channel_event_of(item) -> bytes:
     """The single-channel event of an ``Item`` (an ``Item.encoded`` encoder)."""
-    return streamwire.channel_event(item.seq, item.data)
+    return events.channel_event(item.seq, item.data)
 
 
 class EventStream:
@@ -468,7 +472,7 @@ class EventStream:
         self.begin()
         edge.streams.add(self)
         edge.metrics.incr(time.time(), "event_stream_opened")
-        self.write(streamwire.retry_field(edge.config.edge.sse_retry_ms))
+        self.write(events.retry_field(edge.config.edge.sse_retry_ms))
         loop = asyncio.get_running_loop()
         now = time.time()
         waits = []
@@ -527,8 +531,8 @@ class EventStream:
         for item in items:
             if self.multiplexed:
                 self.positions[listener.channel] = item.seq
-                event_id = streamwire.multiplex_event_id(self.positions)
-                self.write(streamwire.multiplex_event(event_id,
+                event_id = events.multiplex_event_id(self.positions)
+                self.write(events.multiplex_event(event_id,
                                                       item.json_with_channel(listener.channel)))
             else:
                 self.write_item(item)
@@ -555,7 +559,7 @@ class EventStream:
             return
         if self.behind():
             return self.cut_slow()
-        self.write(streamwire.KEEPALIVE_COMMENT)
+        self.write(events.KEEPALIVE_COMMENT)
         self.flush()
         self._schedule_keepalive()
 

@@ -42,13 +42,13 @@ import time
 
 import zmq
 
-from . import protocol
+from ..wire import frames
 from .channel import ChannelTable, PublishIds
-from .config import DURABILITY_MODES, ConfigError, check_storage, load_config
-from .httpwire import HttpError, validate_channel
-from .ring import Ring
+from ..config import DURABILITY_MODES, ConfigError, check_storage, load_config
+from ..wire.names import InvalidName, check_channel
+from ..ring import Ring
 from .store import (DeleteOp, EpochOp, PruneOp, PublishOp, Store, StoreError, StoreWriter)
-from .zmqraw import NOBLOCK, readable, recv, recv_frames, send_frames
+from ..zmqraw import NOBLOCK, readable, recv, recv_frames, send_frames
 
 log = logging.getLogger("firehose.worker")
 
@@ -259,30 +259,30 @@ class Worker:
         writer = self._writer
         return writer.last_ticket + 1 if self._ops else writer.last_ticket
 
-    def _send(self, sock, frames) -> None:
+    def _send(self, sock, parts) -> None:
         """Send at the end of this loop turn, or (sync mode) once the state these
         frames reveal is on disk."""
         if self._gated:
             ticket = self._visible_ticket()
             if self._outbox or ticket > self._writer.committed_ticket:
-                self._outbox.append((ticket, sock, frames))
+                self._outbox.append((ticket, sock, parts))
                 return
-        self._ready.append((sock, frames))
+        self._ready.append((sock, parts))
 
     def _send_ready(self) -> None:
         """Send what this turn produced, together: the I/O thread is woken once for
         all of it instead of once per message."""
         if self._ready:
             ready, self._ready = self._ready, []
-            for sock, frames in ready:
-                send_frames(sock, frames)
+            for sock, parts in ready:
+                send_frames(sock, parts)
 
     def _flush_outbox(self) -> None:
         committed = self._writer.committed() if self._writer is not None else 0
         outbox = self._outbox
         while outbox and (self._writer is None or outbox[0][0] <= committed):
-            _, sock, frames = outbox.popleft()
-            send_frames(sock, frames)
+            _, sock, parts = outbox.popleft()
+            send_frames(sock, parts)
 
     def _expire(self, now: float) -> None:
         expired = self.channels.expire(now)
@@ -310,20 +310,20 @@ class Worker:
             if not readable(router):
                 return i > 0
             try:
-                frames = recv_frames(router)
+                parts = recv_frames(router)
             except zmq.Again:
                 return i > 0
-            if len(frames) < 2:
-                self._reject(f"request of {len(frames)} frame(s) has no body")
+            if len(parts) < 2:
+                self._reject(f"request of {len(parts)} frame(s) has no body")
                 continue
             self._reply_reveals_state = True
-            frames[-1] = self.handle_request(frames[-1])  # the envelope, then the reply
+            parts[-1] = self.handle_request(parts[-1])  # the envelope, then the reply
             if self._reply_reveals_state:
-                self._send(router, frames)
+                self._send(router, parts)
             else:
                 # A heartbeat must not wait behind the disk, or a slow commit
                 # would get a healthy worker declared down.
-                send_frames(router, frames)
+                send_frames(router, parts)
         return True
 
     def _drain_subscriptions(self) -> None:
@@ -354,7 +354,7 @@ class Worker:
         if channel.expires_at is not None:
             ttl = max(0, math.ceil(channel.expires_at - now))
         seq, data = message
-        self._send(self._xpub, protocol.encode_message(protocol.PubMessage(
+        self._send(self._xpub, frames.encode_message(frames.PubMessage(
             channel.name, seq, channel.epoch, data, ttl)))
 
     # -- requests --------------------------------------------------------------
@@ -369,44 +369,44 @@ class Worker:
         """One request body in, one reply body out; never raises."""
         self.counters.requests += 1
         try:
-            request = protocol.decode_request(body, self.limits.max_message_bytes)
-        except protocol.ProtocolError as exc:
+            request = frames.decode_request(body, self.limits.max_message_bytes)
+        except frames.ProtocolError as exc:
             self._reject(str(exc))
-            return protocol.encode_error(exc.request_id, exc.code, str(exc), self.ring.version)
+            return frames.encode_error(exc.request_id, exc.code, str(exc), self.ring.version)
         request_id = request["id"]
         try:
             return self._dispatch(request)
-        except protocol.ProtocolError as exc:
-            if exc.code not in (protocol.DEADLINE, protocol.OVERLOADED):
+        except frames.ProtocolError as exc:
+            if exc.code not in (frames.DEADLINE, frames.OVERLOADED):
                 self._reject(str(exc))
-            return protocol.encode_error(request_id, exc.code, str(exc), self.ring.version)
+            return frames.encode_error(request_id, exc.code, str(exc), self.ring.version)
         except Exception:
             log.exception("request %r failed", request.get("op"))
-            return protocol.encode_error(request_id, "internal", "internal error in the worker",
+            return frames.encode_error(request_id, "internal", "internal error in the worker",
                                          self.ring.version)
 
     def _owned_channel(self, request) -> str:
         name = request["channel"]
         if name not in self._valid_names:
             try:
-                name = validate_channel(name)
-            except HttpError as exc:
-                raise protocol.ProtocolError(exc.reason) from None
+                name = check_channel(name)
+            except InvalidName as exc:
+                raise frames.ProtocolError(exc.reason) from None
             if len(self._valid_names) >= _MAX_VALID_NAMES:
                 self._valid_names.clear()
             self._valid_names.add(name)
         owner = self.ring.owner(name)
         if owner != self.me.id:
-            raise protocol.ProtocolError(
+            raise frames.ProtocolError(
                 f"worker {self.me.id} does not own {name!r} (owner {owner}) in ring "
-                f"{self.ring.version}", protocol.NOT_OWNER)
+                f"{self.ring.version}", frames.NOT_OWNER)
         return name
 
     def _dispatch(self, request) -> bytes:
         op, request_id = request["op"], request["id"]
         if op == "ping":
             self._reply_reveals_state = False
-            return protocol.encode_reply(request_id, worker=self.me.id, ring=self.ring.version)
+            return frames.encode_reply(request_id, worker=self.me.id, ring=self.ring.version)
         name = self._owned_channel(request)
         now = self._clock()
         if op == "publish":
@@ -416,18 +416,18 @@ class Worker:
             if channel is None:
                 # Gone (or never there): an epoch above every past incarnation and
                 # at most the next one, so subscribers can drop what they still hold.
-                return protocol.encode_reply(request_id, seq=0, epoch=self._last_epoch + 1,
+                return frames.encode_reply(request_id, seq=0, epoch=self._last_epoch + 1,
                                              messages=[])
             since = request["since"]
             found = channel.after(since) if request.get("after") else channel.since(since)
             found = self._fit_reply(found, request.get("limit"))
-            return protocol.encode_reply(request_id, seq=channel.seq, epoch=channel.epoch,
+            return frames.encode_reply(request_id, seq=channel.seq, epoch=channel.epoch,
                                          messages=found)
         # op == "delete"
         existed = self.channels.delete(name)
         if existed:
             self._record(DeleteOp(name))
-        return protocol.encode_reply(request_id, existed=existed)
+        return frames.encode_reply(request_id, existed=existed)
 
     def _fit_reply(self, found: list, limit) -> list:
         """The oldest of ``found`` that fit ``limit`` and one message's worth of bytes.
@@ -451,28 +451,28 @@ class Worker:
             if seen is not None:
                 channel_name, seq, epoch = seen
                 if channel_name != name:
-                    raise protocol.ProtocolError(
+                    raise frames.ProtocolError(
                         f"publish_id {publish_id!r} was used for another channel")
                 self.counters.duplicate_publishes += 1
-                return protocol.encode_reply(request["id"], seq=seq, epoch=epoch, duplicate=True)
+                return frames.encode_reply(request["id"], seq=seq, epoch=epoch, duplicate=True)
         deadline_ms = request.get("deadline_ms")
         if deadline_ms is not None and now * 1000.0 > deadline_ms:
             self.counters.late_requests += 1
-            raise protocol.ProtocolError("the publish's deadline passed before the worker read it",
-                                         protocol.DEADLINE)
+            raise frames.ProtocolError("the publish's deadline passed before the worker read it",
+                                         frames.DEADLINE)
         if (self._writer is not None
                 and self._writer.unflushed_ops + len(self._ops) >= self.storage.max_unflushed_ops):
             self.counters.overloaded += 1
-            raise protocol.ProtocolError("the worker's store is behind; retry later",
-                                         protocol.OVERLOADED)
+            raise frames.ProtocolError("the worker's store is behind; retry later",
+                                         frames.OVERLOADED)
         data = request["data"]
         if len(data) > limits.max_message_bytes:
-            raise protocol.ProtocolError(
+            raise frames.ProtocolError(
                 f"message of {len(data)} bytes is over the {limits.max_message_bytes} limit",
-                protocol.TOO_LARGE)
+                frames.TOO_LARGE)
         buffer_size = request.get("buffer_size", limits.default_buffer_size)
         if buffer_size > limits.max_buffer_size:
-            raise protocol.ProtocolError(
+            raise frames.ProtocolError(
                 f"buffer_size {buffer_size} is above the maximum {limits.max_buffer_size}")
         ttl_s = None if request.get("persist") else request.get("ttl", limits.default_ttl_s)
         channel, message = self.channels.publish(name, data, now, ttl_s, buffer_size)
@@ -484,7 +484,7 @@ class Worker:
             # A retry answered from here waits for the same commit as the first reply.
             self._publish_ids.add(publish_id, name, seq, channel.epoch, now)
         self._publish_frames(channel, message, now)
-        return protocol.encode_reply(request["id"], seq=seq, epoch=channel.epoch)
+        return frames.encode_reply(request["id"], seq=seq, epoch=channel.epoch)
 
 
 def main(argv=None) -> int:
@@ -539,6 +539,3 @@ def main(argv=None) -> int:
                  c.duplicate_publishes, c.rejected_frames, c.commits)
     return 0 if ok else 1
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -78,7 +78,7 @@ import hashlib
 import struct
 from typing import Iterable, Mapping, NamedTuple, Tuple
 
-from .httpwire import HttpError
+from .http import HttpError
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_CONTROL_PAYLOAD_BYTES = 125

@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 
-from . import wsframe
+from ..wire import websocket
 from .streams import EventStream, SocketSession, channel_event_of
 
 log = logging.getLogger("firehose.streams")
@@ -97,7 +97,7 @@ class FastEventStream(EventStream):
 
 
 def _text_frame_of_json(item) -> bytes:
-    return wsframe.encode_text(item.json())
+    return websocket.encode_text(item.json())
 
 
 class FastWebSocket:
@@ -114,7 +114,7 @@ class FastWebSocket:
         self.conn = conn
         self.peer = conn.peer
         self.session = SocketSession(edge, self, channel)
-        self._reader = wsframe.FrameReader(config.ws_max_frame_bytes)
+        self._reader = websocket.FrameReader(config.ws_max_frame_bytes)
         self._limit = config.stream_queue_limit_bytes
         self._ping_interval_s = config.ws_ping_interval_s
         self._silence_limit_s = config.ws_ping_interval_s + config.ws_ping_timeout_s
@@ -134,24 +134,24 @@ class FastWebSocket:
         self._heard = time.monotonic()
         for event in self._reader.feed(data):
             kind = type(event)
-            if kind is wsframe.Text or kind is wsframe.Binary:
+            if kind is websocket.Text or kind is websocket.Binary:
                 if not self._closing:
                     self._inbox.append(event[0])
-            elif kind is wsframe.Ping:
-                self.conn.stream_write(wsframe.encode_pong(event.payload))
-            elif kind is wsframe.Close:
+            elif kind is websocket.Ping:
+                self.conn.stream_write(websocket.encode_pong(event.payload))
+            elif kind is websocket.Close:
                 if self._closing:  # the answer to our close: the handshake is done
                     self.gone()
                     self.conn.stream_ended(b"")
                 else:
-                    self._finish(wsframe.close_reply(event))
-            elif kind is wsframe.ProtocolError:
+                    self._finish(websocket.close_reply(event))
+            elif kind is websocket.ProtocolError:
                 self.session.count_bad_frame(event.reason)
                 if self._closing:  # no close frame will come now: end without waiting
                     self.gone()
                     self.conn.stream_ended(b"")
                 else:
-                    self._finish(wsframe.encode_close(event.code, event.reason))
+                    self._finish(websocket.encode_close(event.code, event.reason))
         if self._inbox and self._worker is None:
             self._start(self._work())
 
@@ -176,7 +176,7 @@ class FastWebSocket:
 
     def send(self, payload: bytes) -> None:
         if not self._closing:
-            self.conn.stream_write(wsframe.encode_text(payload))
+            self.conn.stream_write(websocket.encode_text(payload))
 
     def send_item(self, channel: str, item) -> None:
         if not self._closing:
@@ -191,7 +191,7 @@ class FastWebSocket:
         if self._closing:
             return
         self._stop()
-        self.conn.stream_write(wsframe.encode_close(code, reason))
+        self.conn.stream_write(websocket.encode_close(code, reason))
         self._grace = asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, self.conn.abort)
 
     def drop(self) -> None:
@@ -225,6 +225,6 @@ class FastWebSocket:
     def _ping(self) -> None:
         if time.monotonic() - self._heard > self._silence_limit_s:
             log.info("WebSocket from %s stopped answering pings; closing it", self.peer)
-            return self.close(wsframe.CLOSE_NORMAL, "")
-        self.conn.stream_write(wsframe.encode_ping())
+            return self.close(websocket.CLOSE_NORMAL, "")
+        self.conn.stream_write(websocket.encode_ping())
         self._pinger = asyncio.get_running_loop().call_later(self._ping_interval_s, self._ping)

@@ -8,14 +8,13 @@ import json
 import re
 from typing import NamedTuple, Optional
 
-MAX_CHANNEL_BYTES = 1024
+from . import names
+
 MAX_SEQUENCE = 2**63 - 1
 _MAX_DIGITS = len(str(MAX_SEQUENCE))  # a longer number is past every limit here
-RESERVED_MARK = "@firehose"
 NEGATIVE_SEQUENCE_REASON = "The last_message_sequence parameter may not be less than zero"
 
 _INTEGER = re.compile(r"[-+]?[0-9]+")
-_FORBIDDEN_NAME_BYTES = re.compile(rb"[\x00-\x1f\x7f!,]")
 
 
 def digits_value(digits: str, past: int) -> int:
@@ -46,31 +45,22 @@ class Subscription(NamedTuple):
 
 def channel_from_path(raw_path: str) -> str:
     """Validate a raw request path (as Tornado gives it: latin-1) as a channel name."""
-    return validate_channel_bytes(raw_path.encode("latin-1", "replace"))
+    return _named(names.validate_channel_bytes, raw_path.encode("latin-1", "replace"))
 
 
 def validate_channel(name: str) -> str:
-    """Validate a decoded channel name (from a query or JSON body)."""
-    return validate_channel_bytes(name.encode("utf-8", "surrogateescape"))
+    """Validate a decoded channel name (from a query or JSON body); raises HttpError 400."""
+    return _named(names.validate_channel, name)
 
 
-def validate_channel_bytes(raw: bytes) -> str:
-    if not raw.startswith(b"/"):
-        raise HttpError(400, "Channel names must start with '/'")
-    if len(raw) > MAX_CHANNEL_BYTES:
-        raise HttpError(400, f"Channel name is longer than {MAX_CHANNEL_BYTES} bytes")
-    bad = _FORBIDDEN_NAME_BYTES.search(raw)
-    if bad:
-        raise HttpError(400, f"Channel names may not contain {bad.group()!r}"
-                             " (control characters, '!' and ',' are not allowed)")
+def _named(check, value) -> str:
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HttpError(400, "Channel name is not valid UTF-8") from None
+        return check(value)
+    except names.InvalidName as exc:
+        raise HttpError(400, exc.reason) from None
 
 
-def is_reserved(channel: str) -> bool:
-    return RESERVED_MARK in channel
+is_reserved = names.is_reserved
 
 
 def parse_sequence(value, what: str = "last_message_sequence") -> int:

@@ -36,9 +36,9 @@ import uuid
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import protocol
-from .ring import Ring
-from .zmqraw import NOBLOCK, readable, recv_frames, send
+from ..wire import frames
+from ..ring import Ring
+from ..zmqraw import NOBLOCK, readable, recv_frames, send
 
 log = logging.getLogger("firehose.backend")
 
@@ -91,11 +91,11 @@ class SocketReader:
             if not readable(sock):
                 return
             try:
-                frames = recv_frames(sock)
+                parts = recv_frames(sock)
             except zmq.Again:
                 return
             try:
-                self._on_frames(frames)
+                self._on_frames(parts)
             except Exception:
                 log.exception("handling a zmq message failed")
         self.soon()  # more may be waiting; let other work run first
@@ -253,7 +253,7 @@ class Backend:
                        **request}
         else:
             request = {"id": request_id, **request}
-        body = protocol.encode_request(request)
+        body = frames.encode_request(request)
         deadline = self._loop.time() + self._timeout_s
         link.pending[request_id] = Pending(future, deadline, body if retries else None, retries)
         if self._sweep is None:
@@ -317,12 +317,12 @@ class Backend:
         if next_deadline is not None and self._sweep is None:
             self._sweep = self._loop.call_at(next_deadline, self._expire_due)
 
-    def _on_reply(self, link, frames) -> None:
+    def _on_reply(self, link, parts) -> None:
         try:
-            if len(frames) != 1:
-                raise protocol.ProtocolError(f"reply of {len(frames)} frames")
-            reply = protocol.decode_reply(frames[0], self._max_bytes)
-        except protocol.ProtocolError as exc:
+            if len(parts) != 1:
+                raise frames.ProtocolError(f"reply of {len(parts)} parts")
+            reply = frames.decode_reply(parts[0], self._max_bytes)
+        except frames.ProtocolError as exc:
             self._reject(f"from worker {link.id}: {exc}")
             return
         link.last_reply = time.monotonic()
@@ -381,8 +381,8 @@ class Backend:
                                keep_retryable=True)
         self._on_worker_change(link.id, alive)
 
-    def _on_monitor(self, link, frames) -> None:
-        event = parse_monitor_message(frames)["event"]
+    def _on_monitor(self, link, parts) -> None:
+        event = parse_monitor_message(parts)["event"]
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             link.connected = True
             link.last_reply = time.monotonic()
@@ -422,17 +422,17 @@ class Backend:
     # -- messages --------------------------------------------------------------
 
     def subscribe(self, channel: str) -> None:
-        self._sub.setsockopt(zmq.SUBSCRIBE, protocol.topic(channel))
+        self._sub.setsockopt(zmq.SUBSCRIBE, frames.topic(channel))
         self._sub_reader.soon()
 
     def unsubscribe(self, channel: str) -> None:
-        self._sub.setsockopt(zmq.UNSUBSCRIBE, protocol.topic(channel))
+        self._sub.setsockopt(zmq.UNSUBSCRIBE, frames.topic(channel))
         self._sub_reader.soon()
 
-    def _on_pub(self, frames) -> None:
+    def _on_pub(self, parts) -> None:
         try:
-            message = protocol.decode_message(frames, self._max_bytes)
-        except protocol.ProtocolError as exc:
+            message = frames.decode_message(parts, self._max_bytes)
+        except frames.ProtocolError as exc:
             self._reject(f"on the message stream: {exc}")
             return
         self._on_message(message)

@@ -48,7 +48,7 @@ from typing import NamedTuple, Optional
 
 import zmq
 
-from .zmqraw import readable
+from ..zmqraw import readable
 
 log = logging.getLogger("firehose.store")
 

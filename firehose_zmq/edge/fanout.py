@@ -45,7 +45,7 @@ from collections import deque
 import logging
 import time
 
-from . import httpwire
+from ..wire import http
 from .backend import BackendError, OwnerDown
 
 log = logging.getLogger("firehose.fanout")
@@ -68,14 +68,14 @@ class Item:
     def json(self) -> bytes:
         """``{"message":...,"last_sequence":N}``."""
         if self._json is None:
-            self._json = httpwire.message_json(self.data, self.seq)
+            self._json = http.message_json(self.data, self.seq)
         return self._json
 
     def json_with_channel(self, channel: str) -> bytes:
         """``{"channel":...,"message":...,"last_sequence":N}``."""
         cached = self._json_channel
         if cached is None or cached[0] != channel:
-            cached = self._json_channel = (channel, httpwire.message_json(self.data, self.seq,
+            cached = self._json_channel = (channel, http.message_json(self.data, self.seq,
                                                                           channel))
         return cached[1]
 

@@ -33,9 +33,9 @@ import logging
 
 import zmq
 
-from . import protocol
+from ..wire import frames
 from .backend import BackendError, RequestRejected, SocketReader
-from .httpwire import HttpError, is_reserved, validate_channel
+from ..wire.names import InvalidName, check_channel
 
 log = logging.getLogger("firehose.native")
 
@@ -132,52 +132,52 @@ class NativeEndpoints:
 
     # -- subscribe endpoint -----------------------------------------------------
 
-    def _on_worker_message(self, frames) -> None:
+    def _on_worker_message(self, parts) -> None:
         """A worker's message: forward it as is (the XPUB drops at a subscriber's HWM)."""
         self.counters.forwarded += 1
-        self._xpub.send_multipart(frames, zmq.NOBLOCK)
+        self._xpub.send_multipart(parts, zmq.NOBLOCK)
         self._xpub_reader.soon()
 
-    def _on_subscription(self, frames) -> None:
+    def _on_subscription(self, parts) -> None:
         """A native subscriber's (un)subscription: forward it towards the workers."""
-        if len(frames) != 1 or frames[0][:1] not in (b"\x00", b"\x01"):
-            self._reject(f"subscribe endpoint got a {len(frames)}-frame message that is not a "
+        if len(parts) != 1 or parts[0][:1] not in (b"\x00", b"\x01"):
+            self._reject(f"subscribe endpoint got a {len(parts)}-frame message that is not a "
                          "subscription")
             return
         self.counters.subscriptions += 1
-        self._xsub.send(frames[0], zmq.NOBLOCK)
+        self._xsub.send(parts[0], zmq.NOBLOCK)
         self._xsub_reader.soon()
 
     # -- request endpoint -------------------------------------------------------
 
-    def _on_request(self, frames) -> None:
+    def _on_request(self, parts) -> None:
         """``[identity, body]`` (DEALER) or ``[identity, b"", body]`` (REQ)."""
         self.counters.requests += 1
-        if len(frames) == 2:
-            envelope, body = frames[:1], frames[1]
-        elif len(frames) == 3 and frames[1] == b"":
-            envelope, body = frames[:2], frames[2]
+        if len(parts) == 2:
+            envelope, body = parts[:1], parts[1]
+        elif len(parts) == 3 and parts[1] == b"":
+            envelope, body = parts[:2], parts[2]
         else:
-            envelope = frames[:2] if len(frames) > 1 and frames[1] == b"" else frames[:1]
-            self._reply_error(envelope, None, protocol.ProtocolError(
+            envelope = parts[:2] if len(parts) > 1 and parts[1] == b"" else parts[:1]
+            self._reply_error(envelope, None, frames.ProtocolError(
                 f"a request is one frame (two with a REQ socket's empty delimiter), "
-                f"not {len(frames) - 1}"))
+                f"not {len(parts) - 1}"))
             return
         try:
-            request = protocol.decode_request(body, self._max_bytes)
+            request = frames.decode_request(body, self._max_bytes)
             if request["op"] != "ping":
                 self._check_channel(request)
-        except protocol.ProtocolError as exc:
+        except frames.ProtocolError as exc:
             self._reply_error(envelope, exc.request_id, exc)
             return
         request_id = request["id"]
         if request["op"] == "ping":
-            self._send(envelope, protocol.encode_reply(
+            self._send(envelope, frames.encode_reply(
                 request_id, ring=self.backend.ring.version, workers=self.backend.workers_up()))
             return
         if self._in_flight >= _MAX_IN_FLIGHT:
-            self._send(envelope, protocol.encode_error(
-                request_id, protocol.UNAVAILABLE,
+            self._send(envelope, frames.encode_error(
+                request_id, frames.UNAVAILABLE,
                 f"the edge has {_MAX_IN_FLIGHT} native requests in flight; retry later",
                 self.backend.ring.version))
             return
@@ -188,12 +188,9 @@ class NativeEndpoints:
 
     def _check_channel(self, request) -> None:
         try:
-            name = validate_channel(request["channel"])
-        except HttpError as exc:
-            raise protocol.ProtocolError(exc.reason, request_id=request["id"]) from None
-        if request["op"] in ("publish", "delete") and is_reserved(name):
-            raise protocol.ProtocolError("Channel names containing @firehose are reserved",
-                                         request_id=request["id"])
+            check_channel(request["channel"])
+        except InvalidName as exc:
+            raise frames.ProtocolError(exc.reason, request_id=request["id"]) from None
 
     def _on_reply(self, envelope, request_id, future) -> None:
         self._in_flight -= 1
@@ -204,19 +201,19 @@ class NativeEndpoints:
         ring = self.backend.ring.version
         exc = future.exception()
         if exc is None:
-            body = protocol.encode_reply(request_id, **protocol.reply_fields(future.result()))
+            body = frames.encode_reply(request_id, **frames.reply_fields(future.result()))
         elif isinstance(exc, RequestRejected):
-            body = protocol.encode_error(request_id, exc.code, str(exc), ring)
+            body = frames.encode_error(request_id, exc.code, str(exc), ring)
         elif isinstance(exc, BackendError):
-            body = protocol.encode_error(request_id, protocol.UNAVAILABLE, str(exc), ring)
+            body = frames.encode_error(request_id, frames.UNAVAILABLE, str(exc), ring)
         else:
             log.error("native request failed", exc_info=exc)
-            body = protocol.encode_error(request_id, "internal", "internal error in the edge", ring)
+            body = frames.encode_error(request_id, "internal", "internal error in the edge", ring)
         self._send(envelope, body)
 
-    def _reply_error(self, envelope, request_id, exc: protocol.ProtocolError) -> None:
+    def _reply_error(self, envelope, request_id, exc: frames.ProtocolError) -> None:
         self._reject(str(exc))
-        self._send(envelope, protocol.encode_error(request_id, exc.code, str(exc),
+        self._send(envelope, frames.encode_error(request_id, exc.code, str(exc),
                                                    self.backend.ring.version))
 
     def _send(self, envelope, body: bytes) -> None:

@@ -44,10 +44,14 @@ import tornado.httpserver
 import tornado.iostream
 from tornado import httputil
 
-from . import httpwire, streamwire, wsframe
+from ..wire import http
+
+from ..wire import events
+
+from ..wire import websocket
 from .backend import BackendError
 from .faststreams import FastEventStream, FastWebSocket
-from .httpwire import HttpError, Subscription
+from ..wire.http import HttpError, Subscription
 from .streams import EVENT_STREAM_HEADERS, EVENT_STREAM_TYPE
 
 
@@ -173,10 +177,10 @@ def _long_poll_sequence(query: str):
 def _channel(path: str):
     """The channel of a hot request's path, or None when Tornado should serve it."""
     try:
-        channel = httpwire.channel_from_path(path)
+        channel = http.channel_from_path(path)
     except HttpError:
         return None
-    return None if httpwire.is_reserved(channel) else channel
+    return None if http.is_reserved(channel) else channel
 
 
 def _ok_answer(item) -> bytes:
@@ -391,7 +395,7 @@ class FastConnection(asyncio.Protocol):
         if channel is None:
             return None
         try:
-            options = httpwire.parse_publish_headers(
+            options = http.parse_publish_headers(
                 headers, limits.default_ttl_s, limits.default_buffer_size, limits.max_buffer_size)
         except HttpError:
             return None
@@ -407,7 +411,7 @@ class FastConnection(asyncio.Protocol):
 
     def _start_event_stream(self, end: int, headers, channel: str, seq: int) -> bool:
         try:
-            resume = streamwire.parse_last_event_id(headers.get("last-event-id"))
+            resume = events.parse_last_event_id(headers.get("last-event-id"))
         except HttpError:
             return False  # Tornado answers it
         del self._buf[:end + 4]
@@ -423,12 +427,12 @@ class FastConnection(asyncio.Protocol):
         if origin and not self._edge.allows_origin(origin):
             return False  # Tornado refuses it
         try:
-            accept = wsframe.handshake("GET", headers)
+            accept = websocket.handshake("GET", headers)
         except HttpError:
             return False  # Tornado answers it
         del self._buf[:end + 4]
         self._busy = True
-        self._transport.write(wsframe.response_head(accept))
+        self._transport.write(websocket.response_head(accept))
         self._stream = FastWebSocket(self, self._edge, channel)
         if self._buf:
             early, self._buf = bytes(self._buf), bytearray()

@@ -45,9 +45,16 @@ class EdgeConfig:
     ws_ping_timeout_s: float = 20.0  # ... a socket without a pong this long after one is closed
     ws_max_frame_bytes: int = 1024 * 1024  # a larger client frame closes the socket (1009)
     stream_queue_limit_bytes: int = 4 * 1024 * 1024  # a reader further behind is disconnected
-    stream_max_channels: int = 1000  # channels on one multiplexed WebSocket or event stream
+    stream_max_channels: int = 1000  # channels one subscription may name (any transport)
     sse_keepalive_s: float = 15.0  # a comment line this often keeps idle event streams open
     sse_retry_ms: int = 2000  # the reconnect delay sent to browsers (EventSource "retry:")
+    # Hostile clients
+    max_connections: int = 0  # open client connections; 0: the descriptor limit less a reserve
+    max_head_bytes: int = 65536  # a longer request head is answered 431
+    header_timeout_s: float = 10.0  # a head (or a body's next bytes) slower than this: 408
+    idle_timeout_s: float = 60.0  # a keep-alive connection with nothing in flight is closed
+    max_json_depth: int = 32  # deeper JSON (a POST body, a WebSocket frame) is refused
+    max_query_params: int = 64  # query parameters one request may carry
 
 
 DURABILITY_MODES = ("sync", "async", "memory")

@@ -1,232 +1,304 @@
-"""The edge's fast path: plain long-polls and publishes on a bare asyncio protocol.
+"""Client connections of the edge: one implementation of HTTP/1.1 serving, on asyncio.
 
 Theory of operation
 -------------------
-Tornado's ``HTTPServer`` accepts every connection and hands it to
-``handle_stream`` (a public override point). ``EdgeHTTPServer`` takes the
-socket out of that fresh, unused ``IOStream`` and serves it with
-``FastConnection``, an ``asyncio.Protocol`` that knows two requests and nothing
-else:
+``Acceptor`` accepts every connection of the edge's listening sockets, below a
+connection cap (past it, a one-line 503 and a close; on ``EMFILE`` it backs off
+instead of spinning). ``EdgeHTTPServer`` (Tornado's ``HTTPServer``) then
+serves it in one of two ways:
 
-- ``GET /<channel>`` or ``GET /<channel>?last_message_sequence=N``, without a
-  body, ``Upgrade`` or ``Accept: text/event-stream``, with a valid name and N;
-- ``PUT /<channel>`` with a ``Content-Length`` within the limit, no
-  ``Expect`` or ``Transfer-Encoding``, and valid publish headers.
+- **fast** (the default): the socket is served by a ``Connection``, an
+  ``asyncio.Protocol`` that reads request heads and bodies itself and asks
+  ``wire.http.Rules`` what each means;
+- **slow** (``firehose-edge --no-fast-path``): Tornado's ``HTTP1ServerConnection``
+  reads each request, and ``handlers.RequestHandler`` asks the same rules, takes
+  the connection (``RequestHandler.detach()``) and gives the decided request to a
+  ``Connection`` on a ``StreamTransport``, which answers it and gives the socket
+  back to Tornado for the next request (or keeps it, as a stream).
 
-Both use the same ``Edge`` operations as the handlers (``Edge.poll``,
-``Edge.publish``); only the HTTP plumbing differs, and it is a few bytes
-operations per request instead of Tornado's per-request futures, header
-objects and stream bookkeeping (``bench/floor.py``: 65 against 29 µs of CPU per
-request).
+Either way a ``Connection`` runs the action: a long-poll, a publish, a delete, a
+health check, the metrics, an event stream or a WebSocket (``streams``). Every
+answer's bytes come from ``wire.http``.
 
-The first request that is anything else (an error, a WebSocket or event-stream
-upgrade, multiplexing, metrics, OPTIONS, HEAD, DELETE, HTTP/1.0, a chunked
-body, ...) hands the connection back to Tornado for good: the socket becomes an
-``IOStream`` again, primed with the bytes already read (``_Primed``), and
-Tornado's ``HTTPServer`` serves it with the application, which defines the
-behaviour of every one of those requests.
+Requests on a connection are answered one at a time, in order (pipelined requests
+wait in the buffer). While a request is in flight, or while the client is not
+reading its answers (``pause_writing``), nothing more is parsed, and reading
+pauses once the buffer holds more than one request could need. A client that
+half-closes its side while a long-poll waits is gone; one that half-closes after
+a publish gets its answer first.
 
-Requests on a connection are answered one at a time, in order (pipelined
-requests wait in the buffer). While a request is in flight, or while the
-client is not reading its answers (``pause_writing``), nothing more is parsed,
-and reading pauses once the buffer holds more than one request could need.
-A client that half-closes its side while a long-poll waits is gone (as Tornado
-sees it too); one that half-closes after a publish gets its answer first.
+Bounds: a head must arrive within ``header_timeout_s`` (408, close) and be at
+most ``max_head_bytes`` (431, close); a body must keep coming (no gap of
+``header_timeout_s``); a connection with nothing in flight is closed after
+``idle_timeout_s``; bodies are at most the message limit (413).
 """
 
 import asyncio
-import os
-import re
+import errno
+import logging
+import resource
 import socket
 import time
 
 import tornado.httpserver
 import tornado.iostream
-from tornado import httputil
 
 from ..wire import http
-
-from ..wire import events
-
-from ..wire import websocket
+from ..wire.http import HttpError
 from .backend import BackendError
-from .faststreams import FastEventStream, FastWebSocket
-from ..wire.http import HttpError, Subscription
-from .streams import EVENT_STREAM_HEADERS, EVENT_STREAM_TYPE
+from .streams import EventStream, WebSocket
 
+log = logging.getLogger("firehose.edge")
 
-MAX_HEAD_BYTES = 65536  # a longer request head goes to Tornado, which refuses it
-IDLE_SWEEP_S = 60.0
-
-_SEQUENCE_PARAM = "last_message_sequence="
-# A header field as RFC 9112 has it: a token name, then a value of visible
-# characters, spaces and tabs (obs-text allowed) with the spaces around it dropped.
-_FIELD = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[^\x00-\x1f\x7f]|\t)*?)[ \t]*")
-_HOST = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:\[\]%]*")
-# Heads already read, with what they ask for (``_read_head``): clients re-poll and
-# re-publish with the same head, and a channel's subscribers send identical ones.
+# Heads already read, with what they ask for: clients re-poll and re-publish with
+# the same head, and a channel's subscribers send identical ones.
 _KNOWN_HEADS = 4096
 _KNOWN_HEAD_BYTES = 1024
-_POLL = "poll"
-_PUBLISH = "publish"
-_STREAM = "stream"
-_CRLF2 = b"\r\n\r\n"
-_OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-_NO_CONTENT = b"HTTP/1.1 204 No Content\r\n"
-_ACCEPTED = b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nX-Firehose-Sequence: "
-_EVENT_STREAM = ("HTTP/1.1 200 OK\r\n"
-                 + "".join(f"{name}: {value}\r\n" for name, value in EVENT_STREAM_HEADERS)
-                 + "Transfer-Encoding: chunked\r\n").encode()
+_SWEEP_S = 1.0
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_TOO_MANY = http.render(503, b"Too many connections; try again later", http.TEXT_TYPE,
+                        (), b"Connection: close\r\n")
+_ACCEPT_BATCH = 64
+_ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_LOG_EVERY_S = 10.0  # rate limit of the warnings a flood could repeat
+
+
+def connection_cap(configured: int) -> int:
+    """The connection cap: ``configured``, or (0) the descriptor limit less a reserve
+    for the edge's own files and ZeroMQ sockets."""
+    if configured:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft - max(64, soft // 16))
+
+
+class RateLimitedLog:
+    """A warning logged at most once per ``interval_s``, with the count in between."""
+
+    def __init__(self, interval_s: float = _LOG_EVERY_S):
+        self.interval_s = interval_s
+        self._last = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            message += f" ({self._suppressed} more since the last report)"
+        self._last, self._suppressed = now, 0
+        log.warning(message, *args)
+
+
+class Acceptor:
+    """Accepts connections on ``sock`` and hands each to ``server.accepted``."""
+
+    def __init__(self, sock: socket.socket, server: "EdgeHTTPServer"):
+        self.sock = sock
+        self.server = server
+        self._loop = asyncio.get_running_loop()
+        self._backoff_s = 0.0
+        self._retry = None
+        self._errors = RateLimitedLog()
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_ERRORS:
+                    raise
+                # Out of descriptors: stop accepting for a while instead of
+                # spinning on a socket that stays readable.
+                self._backoff_s = min(1.0, self._backoff_s * 2 or 0.05)
+                self._errors.warning("cannot accept connections (%s); pausing for %.2f s",
+                                     exc.strerror, self._backoff_s)
+                self._loop.remove_reader(self.sock.fileno())
+                self._retry = self._loop.call_later(self._backoff_s, self._resume)
+                return
+            self._backoff_s = 0.0
+            self.server.accepted(conn, address)
+
+    def _resume(self) -> None:
+        self._retry = None
+        self._loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        else:
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 class EdgeHTTPServer(tornado.httpserver.HTTPServer):
-    """Tornado's HTTPServer whose connections start on the fast path."""
+    """Tornado's HTTPServer, fed by ``Acceptor``; its connections start as ``Connection``
+    (fast) or in Tornado (slow)."""
 
-    def initialize(self, edge, app, **kwargs):
+    def initialize(self, edge, app, fast: bool = True, **kwargs):
         self.edge = edge
-        self.fast_connections: set = set()
-        self.known_heads: dict = {}  # see _read_head
-        self._idle_timeout_s = kwargs.get("idle_connection_timeout") or 3600.0
+        self.rules = edge.rules
+        self.fast = fast
+        self.connections: set = set()  # every Connection, fast or adopted
+        self.tornado_connections = 0   # sockets Tornado is reading a request from
+        self.known_heads: dict = {}    # see Connection._start_request
+        config = edge.config.edge
+        self.max_connections = connection_cap(config.max_connections)
+        self.header_timeout_s = config.header_timeout_s
+        self.idle_timeout_s = config.idle_timeout_s
+        self.refused = RateLimitedLog()
+        self._acceptors: list = []
         self._sweeper = None
-        self._all_closed = None  # while stopping: resolved when no fast connection is left
-        super().initialize(app, **kwargs)
+        self._all_closed = None  # while stopping: resolved when no connection is left
+        super().initialize(app, max_header_size=2 * config.max_head_bytes,
+                           idle_connection_timeout=config.idle_timeout_s,
+                           body_timeout=None, **kwargs)
 
-    async def handle_stream(self, stream, address):
-        self.edge.metrics.connection_opened(time.time())
-        sock = socket.socket(fileno=stream.socket.detach())
-        loop = asyncio.get_running_loop()
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(IDLE_SWEEP_S, self._sweep_idle)
-        await loop.connect_accepted_socket(lambda: FastConnection(self, address), sock)
+    def serve_on(self, sockets) -> None:
+        for sock in sockets:
+            sock.setblocking(False)
+            self._acceptors.append(Acceptor(sock, self))
+        self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_S, self._sweep)
 
-    def serve_with_tornado(self, sock, address, prefix: bytes) -> None:
-        """Tornado serves the rest of a connection whose ``prefix`` was read already."""
-        stream = _Primed(sock, prefix, max_buffer_size=self.max_buffer_size,
-                         read_chunk_size=self.read_chunk_size)
+    def open_connections(self) -> int:
+        return len(self.connections) + self.tornado_connections
+
+    def accepted(self, sock: socket.socket, address) -> None:
+        metrics = self.edge.metrics
+        if self.open_connections() >= self.max_connections:
+            metrics.incr(time.time(), "connections_refused")
+            self.refused.warning("refusing connections: %d open, the cap is %d "
+                                 "([edge] max_connections)", self.open_connections(),
+                                 self.max_connections)
+            try:
+                sock.send(_TOO_MANY)
+            except OSError:
+                pass
+            sock.close()
+            return
+        metrics.connection_opened(time.time())
+        if self.fast:
+            loop = asyncio.get_running_loop()
+            task = loop.create_task(loop.connect_accepted_socket(
+                lambda: Connection(self, address), sock))
+            task.add_done_callback(_log_failed_start)
+        else:
+            self.serve_with_tornado(tornado.iostream.IOStream(
+                sock, max_buffer_size=self.max_buffer_size,
+                read_chunk_size=self.read_chunk_size), address)
+
+    def serve_with_tornado(self, stream, address) -> None:
+        """Tornado reads the next request of ``stream`` (the slow path)."""
+        self.tornado_connections += 1
         super().handle_stream(stream, address)
 
     def on_close(self, server_conn):
-        self.edge.metrics.connection_closed(time.time())
+        # Tornado is done with the socket: it closed it, or a handler detached it.
+        self.tornado_connections -= 1
+        stream = server_conn.stream
+        if stream is None or stream.closed():
+            self.edge.metrics.connection_closed(time.time())
         super().on_close(server_conn)
 
-    async def close_fast_connections(self) -> None:
-        """Close every fast connection once its answer in progress and its queued
-        bytes are written; returns when all are closed."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        self._all_closed = asyncio.get_running_loop().create_future()
-        for conn in list(self.fast_connections):
-            conn.close()
-        self.connection_gone()
-        await self._all_closed
+    def adopt(self, stream, address) -> "Connection":
+        """A ``Connection`` for a socket a Tornado handler has detached."""
+        conn = Connection(self, address)
+        StreamTransport(stream, conn)
+        return conn
 
-    def connection_gone(self) -> None:
-        if self._all_closed is not None and not self.fast_connections \
+    def connection_gone(self, conn) -> None:
+        self.connections.discard(conn)
+        if self._all_closed is not None and not self.connections \
                 and not self._all_closed.done():
             self._all_closed.set_result(None)
 
+    def stop_accepting(self) -> None:
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._acceptors = []
+
+    async def close_fast_connections(self) -> None:
+        """Close every connection once its answer in progress and its queued bytes
+        are written; returns when all are closed."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._all_closed = asyncio.get_running_loop().create_future()
+        for conn in list(self.connections):
+            conn.close()
+        if not self.connections:
+            self._all_closed.set_result(None)
+        await self._all_closed
+
     def abort_fast_connections(self) -> None:
-        for conn in list(self.fast_connections):
+        for conn in list(self.connections):
             conn.abort()
 
-    def _sweep_idle(self) -> None:
-        self._sweeper = asyncio.get_running_loop().call_later(IDLE_SWEEP_S, self._sweep_idle)
-        cutoff = time.monotonic() - self._idle_timeout_s
-        for conn in list(self.fast_connections):
-            if conn.idle_since(cutoff):
-                conn.abort()  # even one whose client stopped reading its last answer
+    def _sweep(self) -> None:
+        """Close connections whose head is late, whose body stalled, or that idled."""
+        self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_S, self._sweep)
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
 
 
-class _Primed(tornado.iostream.IOStream):
-    """An IOStream whose first reads return bytes an earlier reader took off the socket."""
-
-    def __init__(self, sock, prefix: bytes, **kwargs):
-        super().__init__(sock, **kwargs)
-        self._prefix = memoryview(prefix)
-
-    def read_from_fd(self, buf):
-        if not self._prefix:
-            return super().read_from_fd(buf)
-        size = min(len(buf), len(self._prefix))
-        buf[:size] = self._prefix[:size]
-        self._prefix = self._prefix[size:]
-        return size
+def _log_failed_start(task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("a connection could not be set up: %s", task.exception())
 
 
-class _Headers(dict):
-    """Request headers by lower-case name; ``get`` takes any case (httpwire's calls)."""
+class Connection(asyncio.Protocol):
+    """One client connection (see the module docstring)."""
 
-    __slots__ = ()
-
-    def get(self, name, default=None):
-        return dict.get(self, name.lower(), default)
-
-
-def _long_poll_sequence(query: str):
-    """The last sequence of a plain long-poll's query, or None when Tornado should serve it."""
-    if not query:
-        return 0
-    if not query.startswith(_SEQUENCE_PARAM) or "&" in query:
-        return None
-    value = query[len(_SEQUENCE_PARAM):]
-    if not (value.isascii() and value.isdigit()):
-        return None
-    return int(value) if len(value) < 19 else None
-
-
-def _channel(path: str):
-    """The channel of a hot request's path, or None when Tornado should serve it."""
-    try:
-        channel = http.channel_from_path(path)
-    except HttpError:
-        return None
-    return None if http.is_reserved(channel) else channel
-
-
-def _ok_answer(item) -> bytes:
-    body = item.json()
-    return b"%s%d\r\n\r\n%s" % (_OK_JSON, len(body), body)
-
-
-class FastConnection(asyncio.Protocol):
-    """One client connection while it asks only for long-polls and publishes."""
-
-    __slots__ = ("_server", "_edge", "_address", "_transport", "_buf", "_busy", "_serving",
-                 "_poll", "_extra", "_close_after", "_eof", "_writing_paused",
-                 "_reading_paused", "_handing_off", "_handed_off", "_body", "_last_active", "_stream")
+    __slots__ = ("_server", "_edge", "_rules", "_address", "_transport", "_buf", "_busy",
+                 "_serving", "_poll", "_extra", "_close_after", "_eof", "_writing_paused",
+                 "_reading_paused", "_body", "_skip", "_last_active", "_reading_since",
+                 "_stream", "_adopted", "_head", "_last_data")
 
     def __init__(self, server: EdgeHTTPServer, address):
         self._server = server
         self._edge = server.edge
+        self._rules = server.rules
         self._address = address
         self._transport = None
         self._buf = bytearray()
         self._busy = False          # a request is being answered
         self._serving = False       # inside _serve (answers given inline do not recurse)
         self._poll = None
-        self._extra = b""           # the answer's extra headers (Connection, CORS)
+        self._extra = b""           # the answer's extra header lines (CORS, Connection)
         self._close_after = False
         self._eof = False
         self._writing_paused = False
         self._reading_paused = False
-        self._handing_off = False   # to Tornado, once the queued answers are written
-        self._handed_off = False
-        self._body = None           # (head end, total length, channel, options) of a PUT
+        self._body = None           # (action, head, total length or ChunkedBody) being read
+        self._skip = 0              # body bytes of a request that needs none, to drop
         self._last_active = time.monotonic()
-        self._stream = None         # the event stream or WebSocket this connection has become
+        self._reading_since = None  # when the request being read started (head timeout)
+        self._stream = None         # the event stream or WebSocket this connection became
+        self._adopted = False       # on a StreamTransport (its request came from Tornado)
+        self._head = None           # the head of the request in flight, when parsed
+        self._last_data = 0.0       # when the last bytes arrived (a stalled body)
 
     # -- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport):
         self._transport = transport
-        self._server.fast_connections.add(self)
+        self._server.connections.add(self)
 
     def data_received(self, data):
         if self._stream is not None:
             return self._stream.feed(data)
         self._buf += data
+        if self._body is not None:
+            self._last_data = time.monotonic()
         if self._busy or self._writing_paused:
-            if len(self._buf) > MAX_HEAD_BYTES + self._edge.limits.max_message_bytes:
+            if len(self._buf) > self._rules.max_head_bytes + \
+                    self._edge.limits.max_message_bytes:
                 self._reading_paused = True
                 self._transport.pause_reading()
             return
@@ -243,215 +315,268 @@ class FastConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc):
-        self._transport = None
-        self._server.fast_connections.discard(self)
-        self._server.connection_gone()
+        transport, self._transport = self._transport, None
+        self._server.connection_gone(self)
         if self._poll is not None:
             self._poll.cancel()
         if self._stream is not None:
             self._stream.gone()
-        if not self._handed_off:
+        if transport is not None and not getattr(transport, "released", False):
             self._edge.metrics.connection_closed(time.time())
 
     def pause_writing(self):
         self._writing_paused = True
+        if self._stream is not None and self._transport is not None:
+            self._transport.pause_reading()  # a stream's client reads nothing while behind
 
     def resume_writing(self):
         self._writing_paused = False
-        if self._handing_off:
-            return self._hand_off()
+        if self._stream is not None:
+            if self._transport is not None and not self._reading_paused:
+                self._transport.resume_reading()
+            return
         if not self._busy:
             self._serve()
 
     # -- the server's view ---------------------------------------------------------
 
-    def idle_since(self, cutoff: float) -> bool:
-        return not self._busy and self._last_active < cutoff
+    def check_timeouts(self, now: float) -> None:
+        server = self._server
+        if self._reading_since is not None and not self._busy:
+            if self._body is None:
+                if now - self._reading_since > server.header_timeout_s:
+                    self._refuse(HttpError(408, "The request head took too long to arrive",
+                                           close=True), b"")
+            elif now - max(self._reading_since, self._last_data) > server.header_timeout_s:
+                self._refuse(HttpError(408, "The request body stopped arriving",
+                                       close=True), self._extra)
+        elif not self._busy and now - self._last_active > server.idle_timeout_s:
+            self.abort()  # even one whose client stopped reading its last answer
 
     def close(self) -> None:
-        if self._transport is not None and not self._busy:
+        if self._stream is not None:
+            self._stream.shutdown()
+        elif self._transport is not None and not self._busy:
             self._transport.close()
         else:
             self._close_after = True
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    @property
+    def peer(self) -> str:
+        return str(self._address[0]) if self._address else "?"
 
     # -- requests ------------------------------------------------------------------
 
     def _serve(self) -> None:
         """Start answering the buffered requests, one at a time."""
-        if self._serving or self._transport is None:
+        if self._serving or self._transport is None or self._adopted:
             return
         self._serving = True
         try:
-            while not self._busy and not self._writing_paused and self._transport is not None:
+            while not self._busy and not self._writing_paused and self._transport is not None \
+                    and self._stream is None:
                 if not self._start_request():
                     break
         finally:
             self._serving = False
-        if self._reading_paused and not self._busy and self._transport is not None:
+        if self._reading_paused and not self._busy and self._transport is not None \
+                and self._stream is None:
             self._reading_paused = False
             self._transport.resume_reading()
 
     def _start_request(self) -> bool:
         """Start the first buffered request; False when there is none (yet)."""
         buf = self._buf
+        if self._skip:
+            dropped = min(self._skip, len(buf))
+            del buf[:dropped]
+            self._skip -= dropped
+            if self._skip:
+                return False
         if self._body is not None:
-            return self._start_publish()
-        end = buf.find(_CRLF2)
-        if end < 0:
-            if len(buf) > MAX_HEAD_BYTES or b"\n\n" in buf or b"\n\r\n" in buf:
-                self._hand_off()  # too long, or lines ending in a bare LF: Tornado's call
-            elif self._eof and self._transport is not None:
+            return self._read_body()
+        found = http.head_end(buf)
+        if found is None:
+            if not buf:
+                self._reading_since = None
+            elif len(buf) > self._rules.max_head_bytes:
+                self._refuse(http.head_too_large(self._rules.max_head_bytes), b"")
+            elif self._eof:
                 self._transport.close()
+            elif self._reading_since is None:
+                self._reading_since = time.monotonic()
             return False
+        end, body_start = found
+        raw = bytes(buf[:end])
+        del buf[:body_start]
         self._last_active = time.monotonic()
-        head = bytes(buf[:end])
-        known = self._server.known_heads.get(head)
-        if known is None:
-            known = self._read_head(head, end)
-            if known is None:
-                return False  # handed off, or became a stream
-        kind, channel, how, length, self._extra, self._close_after = known
-        if kind is _POLL:
-            del buf[:end + 4]
-            self._begin_poll(channel, how)
-            return True
-        self._body = (end + 4, end + 4 + length, channel, how)
-        return self._start_publish()
-
-    def _read_head(self, head: bytes, end: int):
-        """What a head not seen before asks for: a ``_POLL`` or ``_PUBLISH`` entry
-        (remembered for the next identical head), or None once the request has
-        been handed to Tornado or started as a stream."""
-        lines = head.decode("latin-1").split("\r\n")
-        request_line = lines[0].split(" ")
-        if len(request_line) != 3 or request_line[2] != "HTTP/1.1":
-            return self._hand_off()
-        headers = _Headers()
-        for line in lines[1:]:
-            field = _FIELD.fullmatch(line)
-            if field is None:
-                return self._hand_off()  # Tornado answers broken or folded fields
-            name, value = field.group(1).lower(), field.group(2)
-            if name in headers:
-                return self._hand_off()  # and decides about repeated ones
-            headers[name] = value
-        host = headers.get("host")
-        if host is None or not _HOST.fullmatch(host):
-            return self._hand_off()
-        method, target, _ = request_line
-        path, _, query = target.partition("?")
-        if method == "GET":
-            known = self._read_get(end, headers, path, query)
-        elif method == "PUT":
-            known = self._read_put(headers, path, query)
-        else:
-            known = None
-        if known is _STREAM:
-            return None
-        if known is None:
-            return self._hand_off()
-        if len(head) <= _KNOWN_HEAD_BYTES:
+        known = self._server.known_heads.get(raw)
+        if known is not None:
+            self._reading_since = None
+            action, self._extra, self._close_after = known
+            self._head = None
+            return self._run(action, None)
+        rules = self._rules
+        try:
+            head = http.parse_head(raw, rules.max_head_bytes)
+        except HttpError as exc:
+            return self._refuse(exc, b"")
+        extra = rules.extra_headers(head)
+        self._head = head
+        self._close_after = not head.keep_alive
+        try:
+            action = rules.decide(head)
+        except HttpError as exc:
+            if not exc.close and self._skip_body(head):
+                exc.close = True
+            return self._refuse(exc, extra)
+        self._extra = extra
+        if len(raw) <= _KNOWN_HEAD_BYTES and _cacheable(action, head):
             remembered = self._server.known_heads
             if len(remembered) >= _KNOWN_HEADS:
                 remembered.clear()
-            remembered[head] = known
-        return known
+            remembered[raw] = (action, extra, self._close_after)
+        return self._run(action, head)
 
-    def _extra_headers(self, headers) -> tuple:
-        """(the answer's extra header lines, whether to close after it)."""
-        close = "close" in headers.get("connection", "").lower()
-        extra = b"Connection: close\r\n" if close else b""
-        origin = headers.get("origin")
-        if origin and self._edge.allows_origin(origin):
-            extra += b"Access-Control-Allow-Origin: " + origin.encode("latin-1") + \
-                b"\r\nVary: Origin\r\n"
-        return extra, close
+    def _skip_body(self, head) -> bool:
+        """For a request whose body is not used: drop its body as it comes; True when
+        the connection must close instead (a chunked body is not read)."""
+        if "transfer-encoding" in head.fields:
+            return True
+        length = head.get("content-length")
+        if length:
+            limit = http.DISCARD_LIMIT_FACTOR * self._edge.limits.max_message_bytes
+            self._skip = http.digits_value(length, limit)  # within it (Rules.decide)
+        return False
 
-    def _read_get(self, end: int, headers, path: str, query: str):
-        if "content-length" in headers or "transfer-encoding" in headers:
-            return None
-        seq = _long_poll_sequence(query)
-        channel = _channel(path) if seq is not None else None
-        if channel is None:
-            return None
-        upgrade = headers.get("upgrade")
-        if upgrade is not None:
-            if upgrade.lower() == "websocket" and self._start_websocket(end, headers, channel):
-                return _STREAM
-            return None
-        if EVENT_STREAM_TYPE in headers.get("accept", ""):
-            return _STREAM if self._start_event_stream(end, headers, channel, seq) else None
-        return (_POLL, channel, seq, 0, *self._extra_headers(headers))
+    def _run(self, action, head) -> bool:
+        kind = type(action)
+        if kind is http.Poll:
+            if head is not None and self._skip_body(head):
+                self._close_after = True
+            self._reading_since = None
+            self._begin_poll(action)
+            return True
+        if kind is http.Publish or kind is http.ReadBody:
+            length = action.limit if kind is http.ReadBody else action.length
+            if head is not None and "transfer-encoding" in head.fields:
+                length = http.ChunkedBody(self._edge.limits.max_message_bytes)
+            elif kind is http.ReadBody:
+                length = int(head.get("content-length") or 0)
+            if head is not None and head.get("expect") and \
+                    (not isinstance(length, int) or len(self._buf) < length):
+                self._transport.write(_CONTINUE)  # the client waits for it to send the body
+            if self._reading_since is None:
+                self._reading_since = time.monotonic()
+            self._body = (action, head, length)
+            return self._read_body()
+        self._reading_since = None
+        if head is not None and self._skip_body(head):
+            self._close_after = True
+        self._execute(action, head)
+        return True
 
-    def _read_put(self, headers, path: str, query: str):
-        if query or "transfer-encoding" in headers or "expect" in headers:
-            return None
-        limits = self._edge.limits
-        length = headers.get("content-length")
-        if (length is None or len(length) > 18 or not (length.isascii() and length.isdigit())
-                or int(length) > limits.max_message_bytes):
-            return None
-        channel = _channel(path)
-        if channel is None:
-            return None
-        try:
-            options = http.parse_publish_headers(
-                headers, limits.default_ttl_s, limits.default_buffer_size, limits.max_buffer_size)
-        except HttpError:
-            return None
-        return (_PUBLISH, channel, options, int(length), *self._extra_headers(headers))
+    def serve_decided(self, head, action, body) -> None:
+        """Answer a request Tornado has read (the slow path): ``action`` is the rules'
+        decision (or the HttpError they raised), ``body`` the request body."""
+        self._adopted = True
+        self._head = head
+        self._extra = self._rules.extra_headers(head) if head is not None else b""
+        self._close_after = head is None or not head.keep_alive
+        if isinstance(action, HttpError):
+            self._refuse(action, self._extra)
+        elif type(action) is http.Publish or type(action) is http.ReadBody:
+            self._body_complete(action, head, body)
+        else:
+            self._execute(action, head)
 
-    def _begin_poll(self, channel: str, seq: int) -> None:
+    def _read_body(self) -> bool:
+        action, head, length = self._body
+        buf = self._buf
+        if isinstance(length, int):
+            if len(buf) < length:
+                if self._eof and self._transport is not None:
+                    self._transport.close()  # the client stopped before its body ended
+                return False
+            with memoryview(buf) as view:
+                body = bytes(view[:length])  # one copy of a body of up to megabytes
+            del buf[:length]
+        else:
+            try:
+                body = length.feed(buf)
+            except HttpError as exc:
+                self._body = None
+                return self._refuse(exc, self._extra)
+            if body is None:
+                if self._eof and self._transport is not None:
+                    self._transport.close()
+                return False
+        self._body = None
+        self._reading_since = None
+        self._body_complete(action, head, body)
+        return True
+
+    def _body_complete(self, action, head, body: bytes) -> None:
+        if type(action) is http.ReadBody:
+            try:
+                action = self._rules.decide_body(head, body)
+            except HttpError as exc:
+                self._refuse(exc, self._extra)
+                return
+            self._execute(action, head)
+            return
+        self._busy = True
+        self._edge.publish(action.channel, body, action.options).add_done_callback(
+            self._published)
+
+    def _execute(self, action, head) -> None:
+        kind = type(action)
+        edge = self._edge
+        extra = self._extra
+        self._busy = True
+        if kind is http.Poll:
+            self._begin_poll(action)
+        elif kind is http.Delete:
+            edge.delete(action.channel).add_done_callback(self._deleted)
+        elif kind is http.Health:
+            self._answer(http.health_answer(edge.owner_up(action.channel), extra))
+        elif kind is http.Metrics:
+            self._answer(http.json_answer(edge.metrics_json(), extra))
+        elif kind is http.Answer:
+            self._answer(http.render(action.status, b"", None, action.headers, extra))
+        elif kind is http.Stream:
+            self._become_stream()
+            self._stream = EventStream(self, edge, action.subscriptions, action.multiplexed,
+                                       extra)
+        elif kind is http.Upgrade:
+            self._become_stream()
+            self._transport.write(http.upgrade_answer(action.accept))
+            self._stream = WebSocket(self, edge, action.channel, action.subscriptions,
+                                     action.url_params)
+            if self._buf:
+                early, self._buf = bytes(self._buf), bytearray()
+                self._stream.feed(early)
+
+    def _become_stream(self) -> None:
+        transport = self._transport
+        if isinstance(transport, StreamTransport):
+            transport.start_reading()
+
+    def _begin_poll(self, action) -> None:
         self._busy = True
         edge = self._edge
-        edge.metrics.incr(time.time(), "subscribed", channel)
-        poll = edge.poll([Subscription(channel, seq, {})], self._polled)
+        metric = "subscribed_multiplexed" if action.multiplexed else "subscribed"
+        now = time.time()
+        for sub in action.subscriptions:
+            edge.metrics.incr(now, metric, sub.channel)
+        callback = self._polled_multiplexed if action.multiplexed else self._polled
+        poll = edge.poll(action.subscriptions, callback)
         if self._busy:  # not answered at once
             self._poll = poll
-
-    def _start_event_stream(self, end: int, headers, channel: str, seq: int) -> bool:
-        try:
-            resume = events.parse_last_event_id(headers.get("last-event-id"))
-        except HttpError:
-            return False  # Tornado answers it
-        del self._buf[:end + 4]
-        self._extra, self._close_after = self._extra_headers(headers)
-        self._busy = True
-        subscription = Subscription(channel, seq if resume is None else resume, {})
-        self._stream = FastEventStream(self, self._edge, [subscription],
-                                       _EVENT_STREAM + self._extra + b"\r\n", self._error_answer)
-        return True
-
-    def _start_websocket(self, end: int, headers, channel: str) -> bool:
-        origin = headers.get("origin")
-        if origin and not self._edge.allows_origin(origin):
-            return False  # Tornado refuses it
-        try:
-            accept = websocket.handshake("GET", headers)
-        except HttpError:
-            return False  # Tornado answers it
-        del self._buf[:end + 4]
-        self._busy = True
-        self._transport.write(websocket.response_head(accept))
-        self._stream = FastWebSocket(self, self._edge, channel)
-        if self._buf:
-            early, self._buf = bytes(self._buf), bytearray()
-            self._stream.feed(early)
-        return True
-
-    def _start_publish(self) -> bool:
-        start, total, channel, options = self._body
-        if len(self._buf) < total:
-            if self._eof and self._transport is not None:
-                self._transport.close()  # the client stopped before its body ended
-            return False
-        with memoryview(self._buf) as view:
-            data = bytes(view[start:total])  # one copy of a body of up to megabytes
-        del self._buf[:total]
-        self._body = None
-        self._busy = True
-        self._edge.publish(channel, data, options).add_done_callback(self._published)
-        return True
 
     # -- answers -----------------------------------------------------------------
 
@@ -469,17 +594,26 @@ class FastConnection(asyncio.Protocol):
         if self._close_after or (self._eof and not self._buf):
             self._buf.clear()  # nothing after a closing answer is served
             transport.close()
+        elif self._adopted:
+            transport.release_to_tornado(self._server, self._address)
         elif self._buf and not self._serving:
             self._serve()
 
-    def _error_answer(self, status: int, reason: str) -> bytes:
-        body = reason.replace("\n", " ").encode()
-        head = (f"HTTP/1.1 {status} {httputil.responses.get(status, 'Error')}\r\n"
-                f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n")
-        return head.encode() + self._extra + b"\r\n" + body
+    def _refuse(self, exc: HttpError, extra: bytes) -> bool:
+        """Answer a refused request; True when the connection goes on."""
+        if exc.status >= 500:
+            self._server.refused.warning("answering %d: %s", exc.status, exc.reason)
+        self._reading_since = None
+        self._busy = True
+        if exc.close:
+            self._close_after = True
+        self._answer(http.error_answer(exc, extra))
+        return not exc.close and self._transport is not None
 
     def _fail(self, exc: BackendError) -> None:
-        self._answer(self._error_answer(*self._edge.backend_error_status(exc)))
+        status, reason = self._edge.backend_error_status(exc)
+        self._server.refused.warning("answering %d: %s", status, reason)
+        self._answer(http.error_answer(HttpError(status, reason), self._extra))
 
     def _polled(self, result, exc) -> None:
         if exc is not None:
@@ -487,20 +621,33 @@ class FastConnection(asyncio.Protocol):
         if result is None:
             if self._transport is not None:
                 self._edge.metrics.incr(time.time(), "timeouts")
-            return self._answer(_NO_CONTENT + self._extra + b"\r\n")
+            return self._answer(http.no_content_answer(self._extra))
         item = result[1]
         if self._extra:
             body = item.json()  # not copied into each waiter's answer
-            return self._answer(b"%s%d\r\n%s\r\n" % (_OK_JSON, len(body), self._extra), body)
+            return self._answer(http.poll_answer_head(len(body), self._extra), body)
         self._answer(item.encoded(_ok_answer))  # the same bytes for every waiter
+
+    def _polled_multiplexed(self, result, exc) -> None:
+        if exc is not None or result is None:
+            return self._polled(result, exc)
+        channel, item = result
+        body = item.json_with_channel(channel)
+        self._answer(http.poll_answer_head(len(body), self._extra), body)
 
     def _published(self, future) -> None:
         exc = future.exception()
         if exc is not None:
             return self._fail(exc)
-        self._answer(b"%s%d\r\n%s\r\n" % (_ACCEPTED, future.result()["seq"], self._extra))
+        self._answer(http.published_answer(future.result()["seq"], self._extra))
 
-    # -- event streams -------------------------------------------------------------
+    def _deleted(self, future) -> None:
+        exc = future.exception()
+        if exc is not None:
+            return self._fail(exc)
+        self._answer(http.no_content_answer(self._extra))
+
+    # -- streams (the ``conn`` of ``streams``) ---------------------------------------
 
     def stream_write(self, data: bytes) -> None:
         if self._transport is not None:
@@ -510,38 +657,150 @@ class FastConnection(asyncio.Protocol):
         return self._transport.get_write_buffer_size() if self._transport is not None else 0
 
     def stream_ended(self, answer: bytes) -> None:
-        """The event stream is over: write its last bytes and close."""
+        """The stream is over: write its last bytes and close."""
         self._stream = None
         self._close_after = True
         self._answer(answer)
 
+    def pause_reading_for_stream(self) -> None:
+        if self._transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading_for_stream(self) -> None:
+        if self._transport is not None and self._reading_paused:
+            self._reading_paused = False
+            if not self._writing_paused:
+                self._transport.resume_reading()
+
+
+def _cacheable(action, head) -> bool:
+    """Whether the decision for this head holds for every identical head: a
+    single-channel long-poll or a publish with a length, without a body to skip."""
+    kind = type(action)
+    if kind is http.Poll:
+        return not action.multiplexed and not head.get("content-length") \
+            and "transfer-encoding" not in head.fields
+    return kind is http.Publish and action.length is not None and "expect" not in head.fields
+
+
+def _ok_answer(item) -> bytes:
+    return http.poll_answer(item.json())
+
+
+class StreamTransport(asyncio.Transport):
+    """An asyncio transport over an ``IOStream`` a Tornado handler has detached.
+
+    Reads only when asked (``start_reading``: a stream's client frames), so that
+    the socket can go back to Tornado after an answer (``release_to_tornado``) with
+    every unread byte still in its stream. Writes are counted until the stream has
+    written them, for the slow-reader measure and for ``pause_writing``.
+    """
+
+    _HIGH_WATER = 64 * 1024
+
+    def __init__(self, stream, protocol):
+        super().__init__()
+        self._stream = stream
+        self._protocol = protocol
+        self._pending = 0
+        self._paused = False
+        self._reading = False
+        self._read_paused = False
+        self._closing = False
+        self.released = False
+        stream.set_close_callback(self._on_close)
+        protocol.connection_made(self)
+
+    # -- reading -----------------------------------------------------------------
+
+    def start_reading(self) -> None:
+        if not self._reading:
+            self._reading = True
+            asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        stream = self._stream
+        try:
+            while not self._closing and not self.released:
+                if self._read_paused:
+                    self._resume = asyncio.get_running_loop().create_future()
+                    await self._resume
+                    continue
+                data = await stream.read_bytes(65536, partial=True)
+                if data:
+                    self._protocol.data_received(data)
+        except tornado.iostream.StreamClosedError:
+            pass
+
+    def pause_reading(self) -> None:
+        self._read_paused = True
+
+    def resume_reading(self) -> None:
+        if self._read_paused:
+            self._read_paused = False
+            resume = getattr(self, "_resume", None)
+            if resume is not None and not resume.done():
+                resume.set_result(None)
+
+    def is_reading(self) -> bool:
+        return self._reading and not self._read_paused
+
+    # -- writing -----------------------------------------------------------------
+
+    def write(self, data) -> None:
+        if self._closing or self._stream.closed():
+            return
+        size = len(data)
+        self._pending += size
+        self._stream.write(data).add_done_callback(lambda f, size=size: self._written(f, size))
+        if not self._paused and self._pending > self._HIGH_WATER:
+            self._paused = True
+            self._protocol.pause_writing()
+
+    def writelines(self, parts) -> None:
+        self.write(b"".join(parts))
+
+    def _written(self, future, size: int) -> None:
+        self._pending -= size
+        if not future.cancelled():
+            future.exception()  # a write to a closed stream is not an error here
+        if self._paused and self._pending <= self._HIGH_WATER // 4:
+            self._paused = False
+            self._protocol.resume_writing()
+        if self._closing and not self._pending and not self._stream.closed():
+            self._stream.close()
+
+    def get_write_buffer_size(self) -> int:
+        return self._pending
+
+    # -- the end -------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._closing = True
+        if not self._pending:
+            self._stream.close()
+
     def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        self._closing = True
+        self._stream.close()
 
-    @property
-    def peer(self) -> str:
-        return str(self._address[0]) if self._address else "?"
+    def is_closing(self) -> bool:
+        return self._closing or self._stream.closed()
 
-    # -- to Tornado ----------------------------------------------------------------
+    def get_extra_info(self, name, default=None):
+        if name == "socket":
+            return self._stream.socket
+        return default
 
-    def _hand_off(self) -> None:
-        """Give the connection, with the bytes read so far, to Tornado's HTTPServer."""
-        transport = self._transport
-        if transport is None:
-            return
-        self._handing_off = True
-        if transport.get_write_buffer_size():
-            # Answers are still queued: hand off once they are written.
-            transport.pause_reading()
-            transport.set_write_buffer_limits(high=0)
-            return
-        sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
-        prefix = bytes(self._buf)
-        self._buf.clear()
-        self._handed_off = True
-        transport.abort()
-        self._transport = None
-        self._server.serve_with_tornado(sock, self._address, prefix)
+    def _on_close(self) -> None:
+        if not self.released:
+            self._protocol.connection_lost(None)
 
-
+    def release_to_tornado(self, server: EdgeHTTPServer, address) -> None:
+        """Give the socket back to Tornado for its next request, once the answer is
+        written; the connection is no longer this transport's."""
+        self.released = True
+        self._stream.set_close_callback(None)
+        server.connection_gone(self._protocol)
+        server.serve_with_tornado(self._stream, address)

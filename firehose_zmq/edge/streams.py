@@ -1,86 +1,50 @@
-"""WebSocket and Server-Sent Events on the edge (PROTOCOL.md §6-7).
+"""WebSocket and Server-Sent Events sessions (PROTOCOL.md §6-7), single and multiplexed.
 
 Theory of operation
 -------------------
-A stream is a connection that holds one ``fanout.Listener`` (``once=False``) per
-channel it subscribes to: the subscribe-then-fetch mechanism of long-poll, so
-the replay and the live messages reach ``on_items`` in order and without
-duplicates. Each message's bytes are built once per item (``Item.json``,
-``Item.json_with_channel``, ``Item.encoded(channel_event)``) and shared by every
-stream on the edge.
+A stream is what a client ``Connection`` becomes after a 101 (``WebSocket``) or
+the head of an event stream (``EventStream``). It holds one ``fanout.Listener``
+(``once=False``) per channel: the subscribe-then-fetch mechanism of long-poll, so
+the replay and the live messages reach ``on_items`` in order, without
+duplicates. Each message's bytes (the chunked event, the text frame) are built
+once per item (``Item.encoded``) and the same object is written to every stream.
 
-Ordering: a WebSocket's frames are handled one at a time (``on_message`` is a
-coroutine, and Tornado reads the next frame only when it has returned); a
-subscribe returns when its first fetch has been delivered (``on_ready``), so a
-pong written after it follows the replayed messages.
+The connection is the stream's ``conn``: ``stream_write(data)``,
+``stream_buffered()`` (bytes written but not yet taken by the kernel),
+``stream_ended(last_bytes)`` (write them, then close), ``abort()`` and ``peer``.
+It hands the stream the client's bytes (``feed``) and tells it when the socket
+is gone (``gone``); while the client does not read, the connection stops
+reading from it.
 
-Slow readers: the future of every write tells when its bytes were handed to the
-kernel; ``Outbox`` sums the bytes still queued in user space. When messages
-arrive for a connection whose queue is over ``stream_queue_limit_bytes``, the
-reader has fallen behind: it is disconnected (WebSocket close 1008; an event
-stream is cut) and counted as ``slow_readers_closed`` in the metrics. A batch is
-always written whole, so a replay of any size reaches a reader that keeps up.
+Bounds: a reader with more than ``stream_queue_limit_bytes`` waiting for it is
+cut when anything more is written to it: a message, a keep-alive, and also the
+answers it provoked itself (pongs, ping replies, subscribe replays); it is
+counted as ``slow_readers_closed``. A WebSocket's frames not yet handled wait in
+``_inbox``, at most ``_INBOX_FRAMES`` of them: past that the connection stops
+reading. A replay (one batch) is always written whole.
 
-Dead peers: Tornado's protocol-level pings (``websocket_ping_interval`` and
-``websocket_ping_timeout``) close a WebSocket that stops answering; an event
-stream's keep-alive comments make writes to a dead peer fail.
+Ordering: a WebSocket's frames are handled one at a time; a subscribe returns
+once its first fetch is delivered (``on_ready``), so a pong written after it
+follows the replayed messages.
 
-Routing: ``stream_rules`` are Tornado rules that send a GET carrying
-``Upgrade: websocket`` to the socket handlers, before the path rules of the
-long-poll handlers see it. Event streams are plain GET responses: the long-poll
-handlers delegate to ``serve_event_stream`` when the request accepts
-``text/event-stream``.
-
-Edge shutdown drops WebSockets without a closing handshake: the Firehose
-JavaScript client reconnects after an unclean close only, and a restarting edge
-wants its clients back. Event streams end normally; browsers reconnect them.
+Ends: a single-channel socket whose channel cannot be served, and every socket
+when the edge stops, is dropped without a closing handshake (the Firehose
+JavaScript client reconnects after an unclean close only). An event stream that
+fails before it sent anything is answered like a long-poll (503 and a reason).
 """
 
 import asyncio
+from collections import deque
 import logging
 import time
 
-import tornado.routing
-import tornado.websocket
-
-from ..wire import http
-
-from ..wire import events
-
-from ..wire import websocket
+from ..wire import events, http, websocket
 from .fanout import Listener
-from ..wire.http import HttpError
 
 log = logging.getLogger("firehose.streams")
 
-EVENT_STREAM_TYPE = "text/event-stream"
-# The head of every event stream's 200 answer, on either path.
-EVENT_STREAM_HEADERS = (("Content-Type", EVENT_STREAM_TYPE + "; charset=utf-8"),
-                        ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
-
-
-class Outbox:
-    """The bytes of one connection written but not yet handed to the kernel."""
-
-    __slots__ = ("limit_bytes", "pending_bytes")
-
-    def __init__(self, limit_bytes: int):
-        self.limit_bytes = limit_bytes
-        self.pending_bytes = 0
-
-    def behind(self) -> bool:
-        """True when the reader has more than the limit waiting for it."""
-        return self.pending_bytes > self.limit_bytes
-
-    def track(self, future, size: int) -> None:
-        """Count ``size`` bytes until ``future`` (their write) resolves."""
-        self.pending_bytes += size
-        future.add_done_callback(lambda f: self._written(f, size))
-
-    def _written(self, future, size: int) -> None:
-        self.pending_bytes -= size
-        if not future.cancelled():
-            future.exception()  # a write to a closed connection is not an error here
+_CLOSE_GRACE_S = 5.0  # a closing handshake the client does not finish is cut after this
+_INBOX_FRAMES = 64    # frames waiting to be handled before the connection stops reading
 
 
 def _resolve(future) -> None:
@@ -93,159 +57,56 @@ def _ready_callback(listener) -> None:
 
 
 def _subscription_lost(listener) -> bool:
-    """After ``on_error``: True when the listener will get nothing more.
-
-    That is when its first fetch failed, or when the fan-out removed it (its
-    channel's owner went down). A failed gap fetch is retried by the fan-out on
-    the channel's next message.
-    """
+    """After ``on_error``: True when the listener will get nothing more (its first
+    fetch failed, or the fan-out removed it because its owner went down). A failed
+    gap fetch is retried by the fan-out on the channel's next message."""
     return listener.closed or not listener.context.done()
 
 
-# -- routing -----------------------------------------------------------------------
-
-class WebSocketUpgrade(tornado.routing.Matcher):
-    """Matches a GET asking for ``Upgrade: websocket`` on a path matching ``pattern``."""
-
-    def __init__(self, pattern: str):
-        self._path = tornado.routing.PathMatches(pattern)
-
-    def match(self, request):
-        if request.method != "GET" or \
-                request.headers.get("Upgrade", "").strip().lower() != "websocket":
-            return None
-        return self._path.match(request)
+def _channel_event(item) -> bytes:
+    return http.chunk(events.channel_event(item.seq, item.data))
 
 
-def stream_rules(deps: dict) -> list:
-    """The rules for the WebSocket handlers; they go before the long-poll rules."""
-    return [
-        tornado.routing.Rule(WebSocketUpgrade(r"/channels@firehose"), MultiplexSocket, deps),
-        tornado.routing.Rule(WebSocketUpgrade(r"/.*"), ChannelSocket, deps),
-    ]
+def _text_frame_of_json(item) -> bytes:
+    return websocket.encode_text(item.json())
 
 
-def websocket_settings(edge_config) -> dict:
-    """Tornado application settings for the WebSocket handlers."""
-    return {"websocket_ping_interval": edge_config.ws_ping_interval_s,
-            "websocket_ping_timeout": edge_config.ws_ping_timeout_s,
-            "websocket_max_message_size": edge_config.ws_max_frame_bytes}
+class _Session:
+    """What both stream kinds share: their listeners, subscribing, slow readers."""
 
+    kind = ""  # the metric of a stream opened
 
-def wants_event_stream(request) -> bool:
-    return EVENT_STREAM_TYPE in request.headers.get("Accept", "")
-
-
-# -- WebSocket ---------------------------------------------------------------------
-
-class SocketSession:
-    """The Firehose protocol of one WebSocket (PROTOCOL.md §6): ping/pong,
-    subscriptions, bounded output, whoever owns the frames.
-
-    ``link`` owns them: Tornado's handlers here (``_Socket``), or a fast-path
-    connection (``faststreams.FastWebSocket``). It provides ``send(payload)`` (one
-    text frame), ``send_item(channel, item)`` (a message's frame),
-    ``behind()`` (the reader is past the queue limit), ``close(code, reason)``
-    (a closing handshake), ``drop()`` (an unclean close) and ``peer``.
-    A single-channel session (``channel`` set) subscribes with its first
-    subscribe frame; a multiplexed one (``channel`` None) takes ``?subscribe=``
-    and multiplex frames.
-    """
-
-    def __init__(self, edge, link, channel=None, url_params=None):
+    def __init__(self, conn, edge, multiplexed: bool):
+        self.conn = conn
         self.edge = edge
-        self.link = link
-        self.channel = channel
-        self.multiplexed = channel is None
-        self.url_params = url_params or {}
+        self.peer = conn.peer
+        self.multiplexed = multiplexed
         self.listeners: dict = {}  # channel -> Listener
         self.ended = False
+        config = edge.config.edge
+        self._limit = config.stream_queue_limit_bytes
+        self._max_channels = config.stream_max_channels
+        edge.streams.add(self)
+        edge.metrics.incr(time.time(), self.kind)
 
-    async def open(self, initial_subscriptions=()) -> None:
-        if self.ended:
-            return  # closed before it opened
-        self.edge.streams.add(self)
-        self.edge.metrics.incr(time.time(), "websocket_opened")
-        if initial_subscriptions:
-            await self.subscribe(initial_subscriptions)
-
-    def closed(self) -> None:
-        """The connection is gone."""
-        self.end()
-        self.edge.streams.discard(self)
-
-    def end(self) -> None:
-        """Stop every subscription of this socket."""
-        self.ended = True
-        listeners, self.listeners = self.listeners, {}
-        for listener in listeners.values():
-            self.edge.fanout.remove(listener)
-
-    def shutdown(self) -> None:
-        """The edge is stopping: drop the connection (unclean, so clients reconnect)."""
-        self.end()
-        self.link.drop()
-
-    def close_slow(self) -> None:
-        self.edge.metrics.incr(time.time(), "slow_readers_closed")
-        log.info("closing a WebSocket from %s: its reader is too far behind", self.link.peer)
-        self.end()
-        self.link.close(websocket.CLOSE_POLICY_VIOLATION, "the client reads too slowly")
-
-    def frame_for(self, channel: str, item) -> bytes:
-        """The payload of a message's frame."""
-        return item.json_with_channel(channel) if self.multiplexed else item.json()
-
-    # -- frames in ---------------------------------------------------------------
-
-    async def on_message(self, text) -> None:
-        if isinstance(text, bytes):
-            result = events.Ignored("binary frames are not part of the protocol")
-        elif self.multiplexed:
-            result = events.parse_multiplex_frame(text)
-        else:
-            result = events.parse_channel_frame(text, self.channel, self.url_params)
-        if result is events.PING:
-            self.link.send(events.PONG_FRAME)
-        elif isinstance(result, events.Subscribe):
-            await self.subscribe(result.subscriptions)
-        elif isinstance(result, events.Unsubscribe):
-            self.unsubscribe(result.channels)
-        elif isinstance(result, events.Rejected):
-            self.count_bad_frame(result.reason)
-            self.link.send(events.subscription_failed_frame(result.reason))
-        else:
-            self.count_bad_frame(result.reason)
-
-    def count_bad_frame(self, reason: str) -> None:
-        self.edge.metrics.incr(time.time(), "websocket_bad_frames")
-        log.debug("bad frame from %s: %s", self.link.peer, reason)
-
-    async def subscribe(self, subscriptions) -> None:
-        """Subscribe to the channels not subscribed yet; returns once each has replayed."""
-        if self.ended:
-            return
-        fresh = [sub for sub in subscriptions if sub.channel not in self.listeners]
-        limit = self.edge.config.edge.stream_max_channels
-        if len(self.listeners) + len(fresh) > limit:
-            reason = f"a socket may subscribe to at most {limit} channels"
-            self.count_bad_frame(reason)
-            self.link.send(events.subscription_failed_frame(reason))
-            return
+    def subscribe(self, subscriptions) -> list:
+        """Subscribe to the channels not subscribed yet; returns the futures that
+        resolve when each has replayed."""
         loop = asyncio.get_running_loop()
         now = time.time()
+        metric = "subscribed_multiplexed" if self.multiplexed else "subscribed"
         waits = []
-        for sub in fresh:
+        for sub in subscriptions:
+            if sub.channel in self.listeners:
+                continue
             ready = loop.create_future()
             listener = Listener(sub.channel, self.on_items, self.on_error, once=False,
                                 context=ready, on_ready=_ready_callback)
             self.listeners[sub.channel] = listener
-            self.edge.metrics.incr(now, "subscribed_multiplexed" if self.multiplexed
-                                   else "subscribed", sub.channel)
+            self.edge.metrics.incr(now, metric, sub.channel)
             self.edge.fanout.add(listener, sub.last_sequence)
             waits.append(ready)
-        if waits:
-            await asyncio.gather(*waits)
+        return waits
 
     def unsubscribe(self, channels) -> None:
         for channel in channels:
@@ -253,15 +114,296 @@ class SocketSession:
             if listener is not None:
                 self.edge.fanout.remove(listener)
 
-    # -- frames out --------------------------------------------------------------
+    def end(self) -> None:
+        """Stop every subscription; nothing more is written."""
+        if self.ended:
+            return
+        self.ended = True
+        self.edge.streams.discard(self)
+        listeners, self.listeners = self.listeners, {}
+        for listener in listeners.values():
+            self.edge.fanout.remove(listener)
+
+    def behind(self) -> bool:
+        """True when the reader has more than the queue limit waiting for it."""
+        return self.conn.stream_buffered() > self._limit
+
+    def cut_slow(self) -> None:
+        self.edge.metrics.incr(time.time(), "slow_readers_closed")
+        log.info("cutting an event stream to %s: its reader is too far behind", self.peer)
+        self.end()
+        self.conn.abort()
+
+    def on_error(self, listener, exc) -> None:
+        raise NotImplementedError
+
+    def on_items(self, listener, items) -> None:
+        raise NotImplementedError
+
+
+class EventStream(_Session):
+    """One ``text/event-stream`` answer over one or more channels (chunked).
+
+    The head goes out once every channel has replayed, so an open EventSource is
+    a subscribed one. Keep-alive comments every ``sse_keepalive_s``.
+    """
+
+    kind = "event_stream_opened"
+
+    def __init__(self, conn, edge, subscriptions, multiplexed: bool, extra: bytes):
+        super().__init__(conn, edge, multiplexed)
+        self.positions = {sub.channel: sub.last_sequence for sub in subscriptions}
+        self.started = False
+        self._extra = extra
+        self._queued = [http.event_stream_head(extra),
+                        http.chunk(events.retry_field(edge.config.edge.sse_retry_ms))]
+        self._keepalive = None
+        self._failed = None
+        self._task = asyncio.ensure_future(self._run(subscriptions))  # the loop holds tasks weakly
+        self._task.add_done_callback(self._ran)
+
+    async def _run(self, subscriptions) -> None:
+        waits = self.subscribe(subscriptions)
+        if waits:
+            await asyncio.gather(*waits)
+        if self.ended:
+            return self._conclude()
+        self.started = True
+        self._flush()
+        self._schedule_keepalive()
+
+    def _ran(self, task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A stream that failed must not leave its client waiting on an open connection.
+            log.error("event stream to %s failed", self.peer, exc_info=task.exception())
+            self.end()
+            self.conn.abort()
+
+    def _flush(self) -> None:
+        queued = self._queued
+        if queued:
+            self._queued = []
+            self.conn.stream_write(queued[0] if len(queued) == 1 else b"".join(queued))
 
     def on_items(self, listener, items) -> None:
         if self.ended:
             return
-        if self.link.behind():
-            return self.close_slow()
-        for item in items:
-            self.link.send_item(listener.channel, item)
+        if self.started and self.behind():
+            return self.cut_slow()
+        queued = self._queued
+        if self.multiplexed:
+            for item in items:
+                self.positions[listener.channel] = item.seq
+                event_id = events.multiplex_event_id(self.positions)
+                queued.append(http.chunk(events.multiplex_event(
+                    event_id, item.json_with_channel(listener.channel))))
+        else:
+            for item in items:
+                queued.append(item.encoded(_channel_event))
+        if self.started:
+            self._flush()
+
+    def on_error(self, listener, exc) -> None:
+        if self.ended:
+            return
+        if not _subscription_lost(listener):
+            log.debug("filling a gap on %r failed: %s", listener.channel, exc)
+            return
+        # End the answer: the browser reconnects after ``retry`` and resumes.
+        log.info("event stream on %r: %s; ending it", listener.channel, exc)
+        self._failed = exc
+        self.end()
+        if self.started:
+            self._conclude()
+
+    def _schedule_keepalive(self) -> None:
+        delay = self.edge.config.edge.sse_keepalive_s
+        self._keepalive = asyncio.get_running_loop().call_later(delay, self._keep_alive)
+
+    def _keep_alive(self) -> None:
+        if self.ended:
+            return
+        if self.behind():
+            return self.cut_slow()
+        self.conn.stream_write(http.chunk(events.KEEPALIVE_COMMENT))
+        self._schedule_keepalive()
+
+    def end(self) -> None:
+        super().end()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+
+    def shutdown(self) -> None:
+        """The edge is stopping: end the answer; browsers reconnect."""
+        if not self.ended:
+            self.end()
+            if self.started:
+                self._conclude()
+
+    def gone(self) -> None:
+        """The connection is closed."""
+        self.end()
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the client: an event stream has nothing more to read."""
+
+    def _conclude(self) -> None:
+        if self._failed is not None and not self.started:
+            # Nothing was sent yet: say why, as a long-poll would.
+            status, reason = self.edge.backend_error_status(self._failed)
+            self.conn.stream_ended(http.error_answer(http.HttpError(status, reason),
+                                                     self._extra))
+            return
+        # Whatever is still queued first: the head, when the edge stopped before the
+        # replay was done and the stream never started.
+        self._queued.append(http.LAST_CHUNK)
+        queued, self._queued = self._queued, []
+        self.conn.stream_ended(b"".join(queued))
+
+
+class WebSocket(_Session):
+    """A Firehose WebSocket (PROTOCOL.md §6) on one channel (``channel``) or
+    multiplexed (``channel`` None: ``?subscribe=`` and multiplex frames).
+
+    Protocol pings go out every ``ws_ping_interval_s``; a client silent for that
+    long plus ``ws_ping_timeout_s`` is closed.
+    """
+
+    kind = "websocket_opened"
+
+    def __init__(self, conn, edge, channel, subscriptions=(), url_params=None):
+        super().__init__(conn, edge, channel is None)
+        config = edge.config.edge
+        self.channel = channel
+        self.url_params = url_params or {}
+        self._max_depth = config.max_json_depth
+        self._reader = websocket.FrameReader(config.ws_max_frame_bytes)
+        self._ping_interval_s = config.ws_ping_interval_s
+        self._silence_limit_s = config.ws_ping_interval_s + config.ws_ping_timeout_s
+        self._inbox: deque = deque()
+        self._worker = None
+        self._closing = False
+        self._grace = None  # cuts a closing handshake the client does not finish
+        self._heard = time.monotonic()
+        self._pinger = asyncio.get_running_loop().call_later(
+            self._ping_interval_s, self._ping) if self._ping_interval_s > 0 else None
+        if subscriptions:
+            self._start(self._subscribe(subscriptions))
+
+    # -- frames in ---------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self._heard = time.monotonic()
+        for event in self._reader.feed(data):
+            kind = type(event)
+            if kind is websocket.Text or kind is websocket.Binary:
+                if not self._closing:
+                    self._inbox.append(event[0])
+            elif kind is websocket.Ping:
+                self._send_raw(websocket.encode_pong(event.payload))
+            elif kind is websocket.Close:
+                if self._closing:  # the answer to our close: the handshake is done
+                    self.gone()
+                    self.conn.stream_ended(b"")
+                else:
+                    self._finish(websocket.close_reply(event))
+            elif kind is websocket.ProtocolError:
+                self.count_bad_frame(event.reason)
+                if self._closing:  # no close frame will come now: end without waiting
+                    self.gone()
+                    self.conn.stream_ended(b"")
+                else:
+                    self._finish(websocket.encode_close(event.code, event.reason))
+        if self._inbox and self._worker is None:
+            self._start(self._work())
+        if len(self._inbox) > _INBOX_FRAMES:
+            self.conn.pause_reading_for_stream()
+
+    def _start(self, coro) -> None:
+        self._worker = asyncio.ensure_future(coro)
+        self._worker.add_done_callback(self._worked)
+
+    def _worked(self, task) -> None:
+        self._worker = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("WebSocket from %s failed", self.peer, exc_info=task.exception())
+            self.drop()
+        elif self._inbox and not self._closing:
+            self._start(self._work())
+        else:
+            self.conn.resume_reading_for_stream()
+
+    async def _work(self) -> None:
+        inbox = self._inbox
+        while inbox and not self._closing:
+            if len(inbox) <= _INBOX_FRAMES // 2:
+                self.conn.resume_reading_for_stream()
+            await self._on_frame(inbox.popleft())
+
+    async def _on_frame(self, text) -> None:
+        if isinstance(text, bytes):
+            result = events.Ignored("binary frames are not part of the protocol")
+        elif self.multiplexed:
+            result = events.parse_multiplex_frame(text, self._max_channels, self._max_depth)
+        else:
+            result = events.parse_channel_frame(text, self.channel, self.url_params,
+                                                self._max_depth)
+        if result is events.PING:
+            self.send(events.PONG_FRAME)
+        elif isinstance(result, events.Subscribe):
+            await self._subscribe(result.subscriptions)
+        elif isinstance(result, events.Unsubscribe):
+            self.unsubscribe(result.channels)
+        elif isinstance(result, events.Rejected):
+            self.count_bad_frame(result.reason)
+            self.send(events.subscription_failed_frame(result.reason))
+        else:
+            self.count_bad_frame(result.reason)
+
+    def count_bad_frame(self, reason: str) -> None:
+        self.edge.metrics.incr(time.time(), "websocket_bad_frames")
+        log.debug("bad frame from %s: %s", self.peer, reason)
+
+    async def _subscribe(self, subscriptions) -> None:
+        if self.ended:
+            return
+        fresh = [sub for sub in subscriptions if sub.channel not in self.listeners]
+        if len(self.listeners) + len(fresh) > self._max_channels:
+            reason = f"a socket may subscribe to at most {self._max_channels} channels"
+            self.count_bad_frame(reason)
+            self.send(events.subscription_failed_frame(reason))
+            return
+        waits = self.subscribe(fresh)
+        if waits:
+            await asyncio.gather(*waits)
+
+    # -- frames out --------------------------------------------------------------
+
+    def _send_raw(self, frame: bytes) -> None:
+        """Write a frame the client asked for (a pong, a reply): it counts toward the
+        slow-reader limit like a message."""
+        if self._closing:
+            return
+        if self.behind():
+            return self.cut_slow_socket()
+        self.conn.stream_write(frame)
+
+    def send(self, payload: bytes) -> None:
+        self._send_raw(websocket.encode_text(payload))
+
+    def on_items(self, listener, items) -> None:
+        if self.ended or self._closing:
+            return
+        if self.behind():
+            return self.cut_slow_socket()
+        write = self.conn.stream_write
+        if self.multiplexed:
+            for item in items:
+                write(websocket.encode_text(item.json_with_channel(listener.channel)))
+        else:
+            for item in items:
+                write(item.encoded(_text_frame_of_json))
 
     def on_error(self, listener, exc) -> None:
         if self.ended:
@@ -274,333 +416,62 @@ class SocketSession:
             # socket could not subscribe: drop the connection uncleanly; Firehose
             # clients reconnect and resume from their sequences.
             log.info("WebSocket on %r: %s; dropping the connection", listener.channel, exc)
-            self.shutdown()
-            return
+            return self.drop()
         if self.listeners.get(listener.channel) is listener:
             self.unsubscribe([listener.channel])
-        self.link.send(events.subscription_failed_frame(f"Service unavailable: {exc}",
-                                                            listener.channel))
+        self.send(events.subscription_failed_frame(f"Service unavailable: {exc}",
+                                                   listener.channel))
 
+    # -- the end -------------------------------------------------------------------
 
-class _Socket(tornado.websocket.WebSocketHandler):
-    """A Firehose WebSocket served by Tornado: the ``link`` of a ``SocketSession``.
-
-    Subclasses parse the upgrade URL (``url_session``).
-    """
-
-    json_errors = False  # whether an upgrade URL error is answered as "Subscription failed"
-
-    def initialize(self, edge):
-        self.edge = edge
-        self.session = None
-        self.outbox = Outbox(edge.config.edge.stream_queue_limit_bytes)
-        self.counted = False
-        self.initial_subscriptions = ()
-
-    def check_origin(self, origin: str) -> bool:
-        return self.edge.allows_origin(origin)
-
-    async def get(self, *args, **kwargs):
-        try:
-            self.session, self.initial_subscriptions = self.url_session()
-        except HttpError as exc:
-            self.set_status(exc.status)
-            if self.json_errors:
-                self.set_header("Content-Type", "application/json")
-                return self.finish(events.subscription_failed_frame(exc.reason))
-            self.set_header("Content-Type", "text/plain; charset=utf-8")
-            return self.finish(exc.reason.replace("\n", " "))
-        await super().get(*args, **kwargs)
-
-    def url_session(self) -> tuple:
-        """(the session, its initial subscriptions) for the upgrade URL; raises HttpError."""
-        raise NotImplementedError
-
-    @property
-    def peer(self) -> str:
-        return self.request.remote_ip
-
-    async def open(self, *args, **kwargs):
-        # Tornado's HTTP server saw the connection close when it was upgraded;
-        # it stays open, so it counts again until on_close.
-        self.edge.metrics.connections += 1
-        self.counted = True
-        await self.session.open(self.initial_subscriptions)
-
-    def on_close(self):
-        if self.session is not None:
-            self.session.closed()
-        if self.counted:
-            self.counted = False
-            self.edge.metrics.connections -= 1
-
-    async def on_message(self, text):
-        await self.session.on_message(text)
-
-    # -- the link ------------------------------------------------------------------
-
-    def drop(self) -> None:
-        connection = self.ws_connection
-        if connection is not None and connection.stream is not None:
-            connection.stream.close()
-
-    def behind(self) -> bool:
-        return self.outbox.behind()
-
-    def send_item(self, channel: str, item) -> None:
-        self.send(self.session.frame_for(channel, item))
-
-    def send(self, frame: bytes) -> None:
-        try:
-            written = self.write_message(frame)
-        except tornado.websocket.WebSocketClosedError:
-            self.session.end()
-            return
-        self.outbox.track(written, len(frame))
-
-
-class ChannelSocket(_Socket):
-    """A WebSocket on one channel: its first subscribe frame subscribes."""
-
-    def url_session(self) -> tuple:
-        channel = http.channel_from_path(self.request.path)
-        if http.is_reserved(channel):
-            raise HttpError(404, f"Unknown endpoint {channel}")
-        url_params = {name: self.get_query_argument(name)
-                      for name in self.request.query_arguments
-                      if name != "last_message_sequence"}
-        return SocketSession(self.edge, self, channel, url_params), ()
-
-
-class MultiplexSocket(_Socket):
-    """A WebSocket on ``/channels@firehose``: ``?subscribe=`` and multiplex frames."""
-
-    json_errors = True
-
-    def url_session(self) -> tuple:
-        value = self.get_query_argument("subscribe", None)
-        subscriptions = http.parse_subscribe_query(value) if value else ()
-        return SocketSession(self.edge, self), subscriptions
-
-
-# -- Server-Sent Events --------------------------------------------------------------
-
-async def serve_event_stream(handler, edge, subscriptions, multiplexed: bool) -> None:
-    """Answer ``handler``'s GET with an event stream of ``subscriptions``.
-
-    ``Last-Event-ID`` wins over the sequences of ``subscriptions``. Errors are
-    answered with ``handler.answer(status, reason)``. While the stream runs,
-    ``handler.poll_in_flight`` is the stream, so the client going away ends it;
-    returns when the stream has ended.
-    """
-    last_event_id = handler.request.headers.get("Last-Event-ID")
-    try:
-        if multiplexed:
-            resume = events.parse_multiplex_event_id(last_event_id)
-            subscriptions = [sub._replace(last_sequence=resume.get(sub.channel,
-                                                                   sub.last_sequence))
-                             for sub in subscriptions]
-        else:
-            seq = events.parse_last_event_id(last_event_id)
-            if seq is not None:
-                subscriptions = [sub._replace(last_sequence=seq) for sub in subscriptions]
-    except HttpError as exc:
-        return handler.answer(exc.status, exc.reason)
-    limit = edge.config.edge.stream_max_channels
-    if len(subscriptions) > limit:
-        return handler.answer(400, f"an event stream may subscribe to at most {limit} channels")
-    await HandlerEventStream(handler, edge, subscriptions, multiplexed).run()
-
-
-def channel_event_of(item) -> bytes:
-    """The single-channel event of an ``Item`` (an ``Item.encoded`` encoder)."""
-    return events.channel_event(item.seq, item.data)
-
-
-class EventStream:
-    """One ``text/event-stream`` response over one or more channels.
-
-    The subscriptions, the replay, keep-alives and slow readers are here; the
-    subclasses own the connection: ``HandlerEventStream`` answers through a
-    Tornado handler, ``faststreams.FastEventStream`` writes to an asyncio transport.
-    """
-
-    def __init__(self, edge, subscriptions, multiplexed: bool):
-        self.edge = edge
-        self.subscriptions = subscriptions
-        self.multiplexed = multiplexed
-        self.positions = {sub.channel: sub.last_sequence for sub in subscriptions}
-        self.listeners: list = []
-        self.done = asyncio.get_running_loop().create_future()
-        self.started = False
-        self.cut = False
-        self.failed = None  # why the stream could not start (answered 503 instead)
-        self._keepalive = None
-
-    # -- the connection (subclasses) -----------------------------------------------
-
-    def begin(self) -> None:
-        """Prepare the 200 answer's head; it goes out with the first flush."""
-        raise NotImplementedError
-
-    def write(self, chunk: bytes) -> None:
-        raise NotImplementedError
-
-    def write_item(self, item) -> None:
-        """Write one message of a single-channel stream."""
-        self.write(item.encoded(channel_event_of))
-
-    def flush(self) -> None:
-        raise NotImplementedError
-
-    def behind(self) -> bool:
-        """True when the reader has more than the queue limit waiting for it."""
-        raise NotImplementedError
-
-    def drop(self) -> None:
-        """Close the connection at once (a slow reader)."""
-        raise NotImplementedError
-
-    def conclude(self) -> None:
-        """The stream has ended: finish the answer, or answer ``failed`` if nothing was sent."""
-        raise NotImplementedError
-
-    # -- the stream ----------------------------------------------------------------
-
-    async def run(self) -> None:
-        edge = self.edge
-        self.begin()
-        edge.streams.add(self)
-        edge.metrics.incr(time.time(), "event_stream_opened")
-        self.write(events.retry_field(edge.config.edge.sse_retry_ms))
-        loop = asyncio.get_running_loop()
-        now = time.time()
-        waits = []
-        for sub in self.subscriptions:
-            ready = loop.create_future()
-            listener = Listener(sub.channel, self.on_items, self.on_error, once=False,
-                                context=ready, on_ready=_ready_callback)
-            self.listeners.append(listener)
-            edge.metrics.incr(now, "subscribed_multiplexed" if self.multiplexed
-                              else "subscribed", sub.channel)
-            edge.fanout.add(listener, sub.last_sequence)
-            waits.append(ready)
-        try:
-            # The headers go out once every channel has replayed: an open
-            # EventSource is a subscribed one.
-            await asyncio.gather(*waits)
-            if not self.done.done():
-                self.started = True
-                self.flush()
-                self._schedule_keepalive()
-                await self.done
-        finally:
-            self.end()
-            edge.streams.discard(self)
-        self.conclude()
-
-    def end(self) -> None:
-        _resolve(self.done)
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
-        listeners, self.listeners = self.listeners, []
-        for listener in listeners:
-            self.edge.fanout.remove(listener)
-
-    def cancel(self) -> None:
-        """The client went away."""
-        self.end()
-
-    def shutdown(self) -> None:
-        """The edge is stopping: end the response; browsers reconnect."""
-        self.end()
-
-    def cut_slow(self) -> None:
+    def cut_slow_socket(self) -> None:
+        """Close with 1008 (behind what is queued; the grace period bounds the wait)."""
         self.edge.metrics.incr(time.time(), "slow_readers_closed")
-        log.info("cutting an event stream to %s: its reader is too far behind", self.peer)
-        self.cut = True
-        self.end()
-        self.drop()
+        log.info("closing a WebSocket from %s: its reader is too far behind", self.peer)
+        self.close(websocket.CLOSE_POLICY_VIOLATION, "the client reads too slowly")
 
-    def on_items(self, listener, items) -> None:
-        if self.done.done():
+    def close(self, code: int, reason: str) -> None:
+        """Start a closing handshake: the client's close frame ends the connection,
+        or ``_CLOSE_GRACE_S`` without one does."""
+        if self._closing:
             return
-        if self.behind():
-            return self.cut_slow()
-        for item in items:
-            if self.multiplexed:
-                self.positions[listener.channel] = item.seq
-                event_id = events.multiplex_event_id(self.positions)
-                self.write(events.multiplex_event(event_id,
-                                                      item.json_with_channel(listener.channel)))
-            else:
-                self.write_item(item)
-        if self.started:
-            self.flush()
-
-    def on_error(self, listener, exc) -> None:
-        if self.done.done():
-            return
-        if not _subscription_lost(listener):
-            log.debug("filling a gap on %r failed: %s", listener.channel, exc)
-            return
-        # End the response: the browser reconnects after ``retry`` and resumes.
-        log.info("event stream on %r: %s; ending it", listener.channel, exc)
-        self.failed = exc
-        self.end()
-
-    def _schedule_keepalive(self) -> None:
-        delay = self.edge.config.edge.sse_keepalive_s
-        self._keepalive = asyncio.get_running_loop().call_later(delay, self._keep_alive)
-
-    def _keep_alive(self) -> None:
-        if self.done.done():
-            return
-        if self.behind():
-            return self.cut_slow()
-        self.write(events.KEEPALIVE_COMMENT)
-        self.flush()
-        self._schedule_keepalive()
-
-
-class HandlerEventStream(EventStream):
-    """An event stream answered through a Tornado ``RequestHandler``."""
-
-    def __init__(self, handler, edge, subscriptions, multiplexed: bool):
-        super().__init__(edge, subscriptions, multiplexed)
-        self.handler = handler
-        self.outbox = Outbox(edge.config.edge.stream_queue_limit_bytes)
-        self.unflushed = 0
-        self.peer = handler.request.remote_ip
-
-    def begin(self) -> None:
-        handler = self.handler
-        handler.set_status(200)
-        for name, value in EVENT_STREAM_HEADERS:
-            handler.set_header(name, value)
-        handler.poll_in_flight = self
-
-    def write(self, chunk: bytes) -> None:
-        self.handler.write(chunk)
-        self.unflushed += len(chunk)
-
-    def flush(self) -> None:
-        size, self.unflushed = self.unflushed, 0
-        self.outbox.track(self.handler.flush(), size)
-
-    def behind(self) -> bool:
-        return self.outbox.behind()
+        self._stop()
+        self.conn.stream_write(websocket.encode_close(code, reason))
+        self._grace = asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, self.conn.abort)
 
     def drop(self) -> None:
-        self.handler.request.connection.close()
+        self._stop()
+        self.conn.abort()
 
-    def conclude(self) -> None:
-        handler = self.handler
-        handler.poll_in_flight = None
-        if handler.client_gone or self.cut:
+    shutdown = drop  # the edge is stopping: unclean, so clients reconnect
+
+    def _finish(self, close_frame: bytes) -> None:
+        """Write the last frame (a close reply, or the close of a protocol error) and close."""
+        if self._closing:
             return
-        if self.failed is not None and not self.started:
-            # Nothing was sent yet: say why, as a long-poll would.
-            return handler.answer_backend_error(self.failed)
-        handler.finish()
+        self._stop()
+        self.conn.stream_ended(close_frame)
+
+    def _stop(self) -> None:
+        self._closing = True
+        self._inbox.clear()
+        if self._pinger is not None:
+            self._pinger.cancel()
+            self._pinger = None
+        self.end()
+
+    def gone(self) -> None:
+        """The connection is closed."""
+        self._stop()
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    def _ping(self) -> None:
+        if time.monotonic() - self._heard > self._silence_limit_s:
+            log.info("WebSocket from %s stopped answering pings; closing it", self.peer)
+            return self.close(websocket.CLOSE_NORMAL, "")
+        if self.behind():
+            return self.cut_slow_socket()
+        self.conn.stream_write(websocket.encode_ping())
+        self._pinger = asyncio.get_running_loop().call_later(self._ping_interval_s, self._ping)

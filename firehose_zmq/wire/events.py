@@ -17,8 +17,7 @@ on one channel) or ``parse_multiplex_frame`` (``/channels@firehose``) into one o
     =================  ==========================================================
 
 Server-Sent Events: ``channel_event`` and ``multiplex_event`` build the exact
-bytes of one event; ``parse_last_event_id`` and ``parse_multiplex_event_id``
-read a browser's ``Last-Event-ID`` back. A multiplexed stream's event id is the
+bytes of one event; their ids are read back by ``http.Rules`` (a browser's ``Last-Event-ID``). A multiplexed stream's event id is the
 position of every channel of the stream, in the ``?subscribe=`` syntax with
 percent-encoded names (``/a!3,/b!0``), so a reconnecting browser resumes every
 channel where it was.
@@ -29,7 +28,7 @@ Nothing here does I/O; errors are ``http.HttpError``.
 import json
 import re
 from typing import NamedTuple
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from . import http
 from .http import HttpError, Subscription
@@ -67,12 +66,12 @@ class Ignored(NamedTuple):
     reason: str
 
 
-def _load_object(text):
+def _load_object(text, max_depth: int):
     """The frame as a dict, or an ``Ignored``."""
     try:
-        frame = json.loads(text)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return Ignored("the frame is not JSON")
+        frame = http.load_json(text, max_depth)
+    except HttpError as exc:
+        return Ignored(exc.reason)
     if not isinstance(frame, dict):
         return Ignored("the frame is not a JSON object")
     return frame
@@ -82,13 +81,13 @@ def _ping(frame: dict):
     return PING if frame["ping"] == "PING" else Ignored('"ping" must be "PING"')
 
 
-def parse_channel_frame(text, channel: str, url_params: dict):
+def parse_channel_frame(text, channel: str, url_params: dict, max_depth: int):
     """Classify one client frame of a WebSocket on ``channel``.
 
     A subscribe frame holds ``last_message_sequence`` or ``message_sequence``
     and/or ``params``; its params are added to ``url_params`` (the frame wins).
     """
-    frame = _load_object(text)
+    frame = _load_object(text, max_depth)
     if not isinstance(frame, dict):
         return frame
     if "ping" in frame:
@@ -107,14 +106,14 @@ def _subscription_entry(entry) -> Subscription:
         raise HttpError(400, "each multiplex_subscribe entry must be an object with a channel")
     if "channel" not in entry:
         raise HttpError(400, "a multiplex_subscribe entry has no channel")
-    channel = http.subscription_channel(entry["channel"])
+    channel = http.subscribed_channel(entry["channel"])
     spec = {key: value for key, value in entry.items() if key != "channel"}
     return http.subscription_from_value(channel, spec)
 
 
-def parse_multiplex_frame(text):
+def parse_multiplex_frame(text, max_channels: int, max_depth: int):
     """Classify one client frame of a WebSocket on ``/channels@firehose``."""
-    frame = _load_object(text)
+    frame = _load_object(text, max_depth)
     if not isinstance(frame, dict):
         return frame
     if "ping" in frame:
@@ -127,6 +126,8 @@ def parse_multiplex_frame(text):
             entries = [entries]
         if not entries:
             return Rejected("no channels to subscribe to")
+        if len(entries) > max_channels:
+            return Rejected(f"a subscription may name at most {max_channels} channels")
         subscriptions: dict = {}
         try:
             for entry in entries:
@@ -177,21 +178,3 @@ def multiplex_event(event_id: str, message_json: bytes) -> bytes:
 
 def retry_field(retry_ms: int) -> bytes:
     return f"retry: {retry_ms}\n\n".encode()
-
-
-def parse_last_event_id(value):
-    """A single-channel stream's ``Last-Event-ID``: None when absent or empty."""
-    if value is None or not value.strip():
-        return None
-    return http.parse_sequence(value, "Last-Event-ID")
-
-
-def parse_multiplex_event_id(value) -> dict:
-    """A multiplexed stream's ``Last-Event-ID`` -> ``{channel: sequence}`` ({} when absent)."""
-    if value is None or not value.strip():
-        return {}
-    try:
-        subscriptions = http.parse_subscribe_query(unquote(value.strip()))
-    except HttpError as exc:
-        raise HttpError(400, f"Last-Event-ID: {exc.reason}") from None
-    return {sub.channel: sub.last_sequence for sub in subscriptions}

@@ -3,18 +3,17 @@
 Nothing here touches a socket, an event loop or Tornado: the connection that
 owns the transport hands this module bytes and headers, and writes the bytes it
 gets back. The Firehose protocol on top (PROTOCOL.md §6) lives in
-``streamwire``.
+``events``.
 
 Opening handshake
 -----------------
 ``handshake(method, headers) -> bytes``
     Validates an opening handshake (``headers``: a mapping with lower-case
     names) and returns its ``Sec-WebSocket-Accept`` value, or raises
-    ``HandshakeError`` (an ``httpwire.HttpError``): 400 for a request that is
-    not a valid upgrade, 426 for a ``Sec-WebSocket-Version`` other than 13.
-    The error's ``headers`` are the ``(name, value)`` pairs the answer must
-    carry.
-``response_head(accept, extra_headers=()) -> bytes``
+    ``HandshakeError``: 400 for a request that is not a valid upgrade, 426 for
+    a ``Sec-WebSocket-Version`` other than 13. The error's ``headers`` are the
+    ``(name, value)`` pairs the answer must carry.
+``response_head(accept) -> bytes``
     The whole ``101 Switching Protocols`` head. No extension and no subprotocol
     is ever accepted (a browser's ``permessage-deflate`` offer goes unanswered,
     which RFC 6455 allows), so every frame is plain.
@@ -63,7 +62,8 @@ Protocol errors (the close code the server sends):
     or a reason that is not UTF-8
     a text message that is not UTF-8 (checked when whole)      1007
     a message over ``max_message_bytes`` (checked on each      1009
-    frame's declared length, before its payload is buffered)
+    frame's declared length, before its payload is buffered;
+    each continuation frame counts ``FRAGMENT_COST_BYTES`` more)
     ========================================================  ====
 
 Helpers: ``unmask(mask, payload)`` (RFC 6455 §5.3), ``may_send_close_code(code)``.
@@ -76,9 +76,7 @@ import base64
 import binascii
 import hashlib
 import struct
-from typing import Iterable, Mapping, NamedTuple, Tuple
-
-from .http import HttpError
+from typing import Mapping, NamedTuple, Tuple
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_CONTROL_PAYLOAD_BYTES = 125
@@ -97,6 +95,10 @@ CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 
+# Each continuation frame counts this much beyond its payload toward the message
+# limit, so that a flood of empty fragments is bounded like a long message.
+FRAGMENT_COST_BYTES = 16
+
 _FIN = 0x80
 _RSV = 0x70
 _MASK = 0x80
@@ -111,12 +113,14 @@ def may_send_close_code(code: int) -> bool:
 
 # -- Opening handshake ------------------------------------------------------------
 
-class HandshakeError(HttpError):
+class HandshakeError(ValueError):
     """An upgrade that is refused: ``status``, a one-line ``reason`` and the
     ``headers`` (``(name, value)`` pairs) the answer must carry."""
 
     def __init__(self, status: int, reason: str, headers: Tuple[Tuple[str, str], ...] = ()):
-        super().__init__(status, reason)
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
         self.headers = headers
 
 
@@ -154,17 +158,10 @@ def handshake(method: str, headers: Mapping[str, str]) -> bytes:
     return base64.b64encode(digest)
 
 
-def response_head(accept: bytes, extra_headers: Iterable[Tuple[str, str]] = ()) -> bytes:
+def response_head(accept: bytes) -> bytes:
     """The ``101 Switching Protocols`` head, blank line included."""
-    lines = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket",
-             b"Connection: Upgrade", b"Sec-WebSocket-Accept: " + accept]
-    for name, value in extra_headers:
-        line = f"{name}: {value}"
-        if "\r" in line or "\n" in line:
-            raise ValueError(f"a header may not contain a line break: {line!r}")
-        lines.append(line.encode("latin-1"))
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
 
 
 # -- Server frames ------------------------------------------------------------------
@@ -337,7 +334,7 @@ class FrameReader:
                     continue
             elif opcode == OP_CONTINUATION:
                 self._fragments.append(payload)
-                self._fragments_bytes += length
+                self._fragments_bytes += length + FRAGMENT_COST_BYTES
                 if not head0 & _FIN:
                     continue
                 event = self._message(self._fragments_opcode, b"".join(self._fragments))

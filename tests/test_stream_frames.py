@@ -3,6 +3,7 @@
 import pytest
 
 from firehose_zmq.wire import events as sw
+from firehose_zmq.wire import http
 from firehose_zmq.wire.http import HttpError, Subscription
 
 
@@ -16,7 +17,7 @@ from firehose_zmq.wire.http import HttpError, Subscription
 ])
 def test_channel_frames(text, expected):
     """Pings and subscribes of a channel socket; frame params win over URL params."""
-    assert sw.parse_channel_frame(text, "/c", {"u": "1"}) == expected
+    assert sw.parse_channel_frame(text, "/c", {"u": "1"}, 32) == expected
 
 
 @pytest.mark.parametrize("text, kind", [
@@ -28,19 +29,19 @@ def test_channel_frames(text, expected):
 ])
 def test_bad_channel_frames(text, kind):
     """Junk is ignored; a subscribe that cannot be honoured is rejected with a reason."""
-    result = sw.parse_channel_frame(text, "/c", {})
+    result = sw.parse_channel_frame(text, "/c", {}, 32)
     assert isinstance(result, kind)
     assert result.reason
 
 
 def test_multiplex_subscribe_one_or_many_first_wins():
     """multiplex_subscribe takes an object or a list; a repeated channel keeps the first."""
-    assert sw.parse_multiplex_frame('{"multiplex_subscribe": {"channel": "/a"}}') == \
+    assert sw.parse_multiplex_frame('{"multiplex_subscribe": {"channel": "/a"}}', 1000, 32) == \
         sw.Subscribe((Subscription("/a", 0, {}),))
     frame = ('{"multiplex_subscribe": [{"channel": "/a", "message_sequence": 2},'
              ' {"channel": "/b", "last_message_sequence": 1, "params": {"k": 1}},'
              ' {"channel": "/a", "message_sequence": 9}]}')
-    assert sw.parse_multiplex_frame(frame) == sw.Subscribe(
+    assert sw.parse_multiplex_frame(frame, 1000, 32) == sw.Subscribe(
         (Subscription("/a", 2, {}), Subscription("/b", 1, {"k": 1})))
 
 
@@ -54,16 +55,16 @@ def test_multiplex_subscribe_one_or_many_first_wins():
 ])
 def test_rejected_multiplex_subscriptions(text):
     """Bad channel names, sequences or keys reject the whole frame."""
-    assert isinstance(sw.parse_multiplex_frame(text), sw.Rejected)
+    assert isinstance(sw.parse_multiplex_frame(text, 1000, 32), sw.Rejected)
 
 
 def test_multiplex_unsubscribe():
     """multiplex_unsubscribe takes a name or a list of names; anything else is ignored."""
-    assert sw.parse_multiplex_frame('{"multiplex_unsubscribe": "/a"}') == sw.Unsubscribe(("/a",))
-    assert sw.parse_multiplex_frame('{"multiplex_unsubscribe": ["/a", "/b", "/a"]}') == \
+    assert sw.parse_multiplex_frame('{"multiplex_unsubscribe": "/a"}', 1000, 32) == sw.Unsubscribe(("/a",))
+    assert sw.parse_multiplex_frame('{"multiplex_unsubscribe": ["/a", "/b", "/a"]}', 1000, 32) == \
         sw.Unsubscribe(("/a", "/b"))
-    assert isinstance(sw.parse_multiplex_frame('{"multiplex_unsubscribe": [1]}'), sw.Ignored)
-    assert isinstance(sw.parse_multiplex_frame('{"other": 1}'), sw.Ignored)
+    assert isinstance(sw.parse_multiplex_frame('{"multiplex_unsubscribe": [1]}', 1000, 32), sw.Ignored)
+    assert isinstance(sw.parse_multiplex_frame('{"other": 1}', 1000, 32), sw.Ignored)
 
 
 def test_channel_event_splits_every_kind_of_line_break():
@@ -79,17 +80,17 @@ def test_multiplex_event_ids_round_trip():
     positions = {"/a": 3, "/b/100%": 0, "/ü": 12}
     event_id = sw.multiplex_event_id(positions)
     assert event_id == "/a!3,/b/100%25!0,/%C3%BC!12"
-    assert sw.parse_multiplex_event_id(event_id) == positions
-    assert sw.parse_multiplex_event_id(None) == {}
+    assert http.parse_multiplex_event_id(event_id) == positions
+    assert http.parse_multiplex_event_id(None) == {}
     with pytest.raises(HttpError):
-        sw.parse_multiplex_event_id("/a!x")
+        http.parse_multiplex_event_id("/a!x")
 
 
 def test_last_event_id():
     """A missing or empty Last-Event-ID is None; junk is a 400."""
-    assert sw.parse_last_event_id(None) is None
-    assert sw.parse_last_event_id(" ") is None
-    assert sw.parse_last_event_id("42") == 42
+    assert http.parse_last_event_id(None) is None
+    assert http.parse_last_event_id(" ") is None
+    assert http.parse_last_event_id("42") == 42
     for bad in ("x", "-1"):
         with pytest.raises(HttpError):
-            sw.parse_last_event_id(bad)
+            http.parse_last_event_id(bad)

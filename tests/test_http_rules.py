@@ -11,7 +11,8 @@ def headers(**values):
 
 
 def parse(h, max_buffer=10000):
-    return http.parse_publish_headers(h, 86400, 100, max_buffer)
+    fields = {name.lower(): value for name, value in h.items()}
+    return http.parse_publish_headers(fields, 86400, 100, max_buffer)
 
 
 def test_publish_defaults():
@@ -77,7 +78,7 @@ def test_channel_path_limits():
 
 
 def test_subscribe_query():
-    subs = http.parse_subscribe_query("/a!3,/b!0,/c,/a!9")
+    subs = http.parse_subscribe_query("/a!3,/b!0,/c,/a!9", 1000)
     assert [(s.channel, s.last_sequence) for s in subs] == [("/a", 3), ("/b", 0), ("/c", 0)]
 
 
@@ -85,12 +86,12 @@ def test_subscribe_query():
                                    "/a,,/b"])
 def test_bad_subscribe_query(value):
     with pytest.raises(HttpError):
-        http.parse_subscribe_query(value)
+        http.parse_subscribe_query(value, 1000)
 
 
 def test_subscribe_body_forms():
-    subs = http.parse_subscribe_body(
-        b'{"/a": 3, "/b": "4", "/c": {"message_sequence": 5, "params": {"k": "v"}}, "/d": null}')
+    body = b'{"/a": 3, "/b": "4", "/c": {"message_sequence": 5, "params": {"k": "v"}}, "/d": null}'
+    subs = http.parse_subscribe_body(body, max_channels=1000, max_depth=32)
     assert [(s.channel, s.last_sequence, s.params) for s in subs] == [
         ("/a", 3, {}), ("/b", 4, {}), ("/c", 5, {"k": "v"}), ("/d", 0, {})]
 

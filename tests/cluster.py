@@ -18,6 +18,9 @@ from firehose_zmq.testing import free_port
 
 BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 20.0
+# The edge's two ways of reading requests: its own connections (the default), and
+# Tornado's (``--no-fast-path``); the contract tests run against both.
+SERVING_PATHS = {"fast": [], "slow": ["--no-fast-path"]}
 
 
 class Process:

@@ -12,10 +12,12 @@ from .cluster import Cluster
 from .http import request
 
 
-@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+@pytest.fixture(scope="module", params=["uvloop", "asyncio", "slow"])
 def cluster(request, tmp_path_factory):
+    """The edge on either event loop, and with Tornado reading every request."""
+    args = ["--no-fast-path"] if request.param == "slow" else ["--loop", request.param]
     with Cluster(tmp_path_factory.mktemp("fast"), long_poll_timeout_s=3.0,
-                 edge_args=["--loop", request.param]) as running:
+                 edge_args=args) as running:
         yield running
 
 
@@ -90,9 +92,9 @@ def test_pipelined_requests_are_answered_in_order(cluster):
     assert json.loads(answers[3][2])["last_sequence"] == 2
 
 
-def test_connection_moves_to_tornado_mid_stream(cluster):
-    """A publish, then a request only the application serves, then more on the same
-    connection: all answered, in order, by whichever side serves them."""
+def test_requests_of_every_kind_on_one_connection(cluster):
+    """A publish, a CORS preflight, a publish and a long-poll on one connection: all
+    answered, in order."""
     channel = fresh()
     conn = Conn(cluster)
     try:
@@ -104,14 +106,14 @@ def test_connection_moves_to_tornado_mid_stream(cluster):
     finally:
         conn.close()
     assert [a[0] for a in answers] == [202, 204, 202, 200]
-    assert "PUT" in answers[1][1]["access-control-allow-methods"]
+    assert "GET" in answers[1][1]["access-control-allow-methods"]
     assert answers[2][1]["x-firehose-sequence"] == "2"
     assert json.loads(answers[3][2]) == {"message": "b", "last_sequence": 2}
 
 
-def test_hand_off_waits_for_queued_answers(cluster):
-    """A big answer the client is slow to read is written whole before Tornado takes
-    the connection for the request that follows it."""
+def test_big_answer_read_slowly_then_the_next_request(cluster):
+    """A big answer the client is slow to read is written whole before the request
+    that follows it is answered."""
     channel = fresh()
     payload = b"x" * (3 * 1024 * 1024)
     assert request(cluster.url(channel), "PUT", payload).status == 202
@@ -151,6 +153,8 @@ def test_connection_close_is_honoured(cluster):
 
 
 def test_half_closed_publisher_gets_its_answer(cluster):
+    if "--no-fast-path" in cluster.edge_args:
+        pytest.skip("Tornado's IOStream takes a half-close for a close")
     channel = fresh()
     conn = Conn(cluster)
     try:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .cluster import Cluster
+from .cluster import Cluster, SERVING_PATHS
 from .http import request
 from .streamclient import EventStreamReader, global_counter
 

@@ -39,6 +39,7 @@ import logging
 import resource
 import socket
 import time
+import weakref
 
 import tornado.httpserver
 import tornado.iostream
@@ -148,6 +149,8 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
         self.connections: set = set()  # every Connection, fast or adopted
         self.tornado_connections = 0   # sockets Tornado is reading a request from
         self.known_heads: dict = {}    # see Connection._start_request
+        self.adopted_streams = weakref.WeakSet()  # detached from Tornado, served by us
+        self.closed_streams = weakref.WeakSet()   # counted closed already
         config = edge.config.edge
         self.max_connections = connection_cap(config.max_connections)
         self.header_timeout_s = config.header_timeout_s
@@ -199,15 +202,19 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
         super().handle_stream(stream, address)
 
     def on_close(self, server_conn):
-        # Tornado is done with the socket: it closed it, or a handler detached it.
+        # Tornado is done with the socket: it closed it, or a handler detached it (and
+        # may have given it back already: one socket can end several Tornado connections).
         self.tornado_connections -= 1
         stream = server_conn.stream
-        if stream is None or stream.closed():
+        if stream.closed() and stream not in self.adopted_streams \
+                and stream not in self.closed_streams:
+            self.closed_streams.add(stream)
             self.edge.metrics.connection_closed(time.time())
         super().on_close(server_conn)
 
     def adopt(self, stream, address) -> "Connection":
         """A ``Connection`` for a socket a Tornado handler has detached."""
+        self.adopted_streams.add(stream)
         conn = Connection(self, address)
         StreamTransport(stream, conn)
         return conn
@@ -803,4 +810,5 @@ class StreamTransport(asyncio.Transport):
         self.released = True
         self._stream.set_close_callback(None)
         server.connection_gone(self._protocol)
+        server.adopted_streams.discard(self._stream)
         server.serve_with_tornado(self._stream, address)

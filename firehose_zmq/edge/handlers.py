@@ -15,12 +15,20 @@ from ..wire import http
 from ..wire.http import HttpError
 
 
+class _EveryMethod(tuple):
+    """Tornado refuses a method not in ``SUPPORTED_METHODS`` before the handler runs;
+    here the rules decide (``prepare`` answers every method they refuse)."""
+
+    def __contains__(self, method) -> bool:
+        return True
+
+
 @tornado.web.stream_request_body
 class RequestHandler(tornado.web.RequestHandler):
     """Every method on every path."""
 
-    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS",
-                         "CONNECT", "TRACE")
+    SUPPORTED_METHODS = _EveryMethod(("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT",
+                                      "OPTIONS"))
 
     def initialize(self, server):
         self.server = server
@@ -41,8 +49,11 @@ class RequestHandler(tornado.web.RequestHandler):
             self.decided = rules.decide(self.parsed_head)
         except HttpError as exc:
             self.decided = exc
-            if exc.close:
-                return self._serve()  # its body is not read
+            has_body = "Content-Length" in request.headers or \
+                "Transfer-Encoding" in request.headers
+            if exc.close or not has_body or request.method.lower() not in self._METHODS:
+                exc.close = exc.close or has_body  # a body not read ends the connection
+                return self._serve()
         self.collect = type(self.decided) in (http.Publish, http.ReadBody)
         # The bodies of other requests are read and dropped, within the same bound.
         request.connection.set_max_body_size(http.DISCARD_LIMIT_FACTOR * limit)
@@ -64,6 +75,7 @@ class RequestHandler(tornado.web.RequestHandler):
         conn.serve_decided(self.parsed_head, self.decided, b"".join(self.parts))
 
     get = head = post = delete = patch = put = options = _serve
+    _METHODS = ("get", "head", "post", "delete", "patch", "put", "options")
 
     def on_connection_close(self):
         self.decided = None

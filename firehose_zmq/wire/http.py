@@ -423,7 +423,9 @@ def checked_head(method: str, target: str, version: str, fields: dict, size: int
     if size > max_bytes:
         raise head_too_large(max_bytes)
     if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise HttpError(505, f"{version} is not supported; use HTTP/1.1", close=True)
+        # Tornado refuses what is not HTTP/1.x before any handler sees it: 400 too.
+        raise HttpError(505 if version.startswith("HTTP/1.") else 400,
+                        f"{version} is not supported; use HTTP/1.1", close=True)
     host = fields.get("host")
     if host is None:
         if version == "HTTP/1.1":

@@ -17,10 +17,12 @@ def fresh():
     return f"/sse/{next(_names)}"
 
 
-@pytest.fixture(scope="module")
-def sse_cluster(tmp_path_factory):
-    """A cluster whose event streams send keep-alive comments every 0.2 s."""
-    with Cluster(tmp_path_factory.mktemp("sse"), extra_config="sse_keepalive_s = 0.2") as c:
+@pytest.fixture(scope="module", params=sorted(SERVING_PATHS))
+def sse_cluster(request, tmp_path_factory):
+    """A cluster whose event streams send keep-alive comments every 0.2 s, its edge
+    reading requests on the fast path or through Tornado."""
+    with Cluster(tmp_path_factory.mktemp("sse"), extra_config="sse_keepalive_s = 0.2",
+                 edge_args=SERVING_PATHS[request.param]) as c:
         yield c
 
 

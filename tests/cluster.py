@@ -114,7 +114,7 @@ class Cluster:
         self.edge = None
         self.extra_edges: list = []
         self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("PORT", "FIREHOSE_LONG_POLL_TIMEOUT", "FIREHOSE_DATA_DIR")}
+                    if k != "PORT" and not k.startswith("FIREHOSE_")}
 
     def start(self) -> "Cluster":
         try:

@@ -8,7 +8,6 @@ is fed from the workers' message streams. Handlers get the ``Edge`` injected;
 hand ``Accept: text/event-stream`` requests to it.
 """
 
-import argparse
 import asyncio
 import json
 import logging
@@ -21,7 +20,7 @@ from ..wire import http
 
 from . import streams
 from .backend import Backend, BackendError, RequestRejected
-from ..config import ConfigError, load_config
+from .. import cli
 from .fanout import Fanout, Poll, Timeouts
 from .connection import EdgeHTTPServer
 from ..wire.http import HttpError, Subscription
@@ -427,24 +426,17 @@ async def serve(config, stop: asyncio.Event, native: bool, reuse_port: bool) -> 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="firehose-edge",
-                                     description="Run one HTTP edge of a firehose-zmq cluster.")
-    parser.add_argument("--config", help="cluster config (TOML); default: the embedded local one")
-    parser.add_argument("--log-level", default="INFO")
+    parser = cli.command_parser("firehose-edge", "Run one HTTP edge of a firehose-zmq cluster.")
     parser.add_argument("--reuse-port", action="store_true",
                         help="share the HTTP port with other edges on this host (SO_REUSEPORT)")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                         help="event loop implementation (default uvloop)")
     parser.add_argument("--no-native", action="store_true",
                         help="do not serve the native ZeroMQ endpoints (another edge does)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    started = cli.start(parser, argv)
+    if started.exit_code is not None:
+        return started.exit_code
+    args, config = started.args, started.config
 
     async def run() -> None:
         stop = asyncio.Event()

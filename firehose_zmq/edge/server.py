@@ -21,6 +21,7 @@ from ..wire import http
 from . import streams
 from .backend import Backend, BackendError, RequestRejected
 from .. import cli
+from ..admin import EdgeAdmin
 from .fanout import Fanout, Poll, Timeouts
 from .connection import EdgeHTTPServer
 from ..wire.http import HttpError, Subscription
@@ -51,6 +52,7 @@ class Edge:
         self.streams: set = set()  # open WebSockets and event streams (streams.py)
         self.server = None
         self.stopping = False  # set by stop(): a long-poll started now is answered 204 at once
+        self.admin = EdgeAdmin(self)  # metrics, health, status page on [admin] bind
 
     def _on_message(self, message) -> None:
         self.fanout.on_message(message)
@@ -73,6 +75,7 @@ class Edge:
                                reuse_port=self.reuse_port)
         else:
             self.server.add_sockets(sockets)
+        self.admin.start()
         log.info("edge listening on http://%s:%d (%d workers, long-poll timeout %g s, %s loop)",
                  self.config.edge.host, self.config.edge.port, len(self.config.workers),
                  self.config.edge.long_poll_timeout_s,
@@ -82,6 +85,7 @@ class Edge:
         """Stop accepting, answer every waiting long-poll with 204, let publishes in
         flight get their answer (bounded by the request timeout), close the links."""
         self.stopping = True
+        self.admin.close()
         if self.server is not None:
             self.server.stop()
         for poll in self.timeouts.pending():

@@ -43,6 +43,7 @@ import zmq
 from ..wire import frames
 from .channel import ChannelTable, PublishIds
 from .. import cli
+from ..admin import WorkerAdmin
 from ..config import DURABILITY_MODES, ConfigError, check_storage
 from ..wire.names import InvalidName, check_channel
 from ..ring import Ring
@@ -507,10 +508,12 @@ def main(argv=None) -> int:
     stopping = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.append(True))
+    admin = WorkerAdmin(worker)
     try:
         worker.bind()
         worker.open_store()
-    except zmq.ZMQError as exc:
+        admin.start()
+    except (zmq.ZMQError, OSError) as exc:
         log.error("worker %s cannot bind: %s", args.id, exc)
         worker.close()
         return 1
@@ -523,6 +526,7 @@ def main(argv=None) -> int:
     try:
         ok = worker.run(lambda: bool(stopping))
     finally:
+        admin.close()
         # A clean stop lingers so the last replies leave; a failed one does not.
         worker.close(linger_ms=1000 if ok else 0)
         c = worker.counters

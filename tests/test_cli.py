@@ -164,3 +164,19 @@ def test_json_logs_are_one_object_per_line(tmp_path):
     ready = [e for e in entries if "ready" in e["message"]]
     assert ready[0]["level"] == "INFO" and ready[0]["logger"] == "firehose.worker"
     assert ready[0]["pid"] == process.popen.pid
+
+
+def test_publish_errors_are_plain_text_and_stdin_loses_its_final_newline(cluster):
+    """firehose-publish: a refused name is one readable line; `echo hi |` publishes "hi"."""
+    result = subprocess.run([str(BIN / "firehose-publish"), cluster.url("/a,b"), "x"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "may not contain ','" in result.stderr and "b'" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    for argv, expected in (([], "hi"), (["--keep-newline"], "hi\n")):
+        channel = f"/cli/newline{len(argv)}"
+        published = subprocess.run([str(BIN / "firehose-publish"), cluster.url(channel), *argv],
+                                   input="hi\n", capture_output=True, text=True, timeout=30)
+        assert published.returncode == 0, published.stderr
+        from .http import request
+        assert json.loads(request(cluster.url(channel)).body)["message"] == expected

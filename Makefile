@@ -16,6 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Every setting comes from the environment too: FIREHOSE_PORT_BASE=8000 make run moves
+# every port (HTTP 8000, native 8001-8002, admin 8003-8005, workers 8007-8010);
+# FIREHOSE_<SECTION>_<KEY> sets one key; `.venv/bin/firehose-cluster --print-config` lists them.
 run: install
 	$(VENV)/bin/firehose-cluster
 

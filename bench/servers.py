@@ -206,6 +206,7 @@ class FirehoseServer(ManagedServer):
                   f"long_poll_timeout_s = {self.long_poll_timeout_s}",
                   f'native_pub_bind = "tcp://127.0.0.1:{free_port()}"',
                   f'native_router_bind = "tcp://127.0.0.1:{free_port()}"', "",
+                  "[admin]", f'bind = "127.0.0.1:{free_port()}"', "",
                   # A store of this run's own: the checkout's var/ holds make run's
                   # channels and every earlier run's, which the workers would load.
                   "[storage]", f'data_dir = "{self.run_dir / "data"}"',

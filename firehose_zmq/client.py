@@ -40,7 +40,6 @@ see a later sequence, so a channel with no traffic is probed (fetch after floor)
 after ``probe_interval_s``, backing off to ``probe_max_s`` while nothing is new.
 """
 
-import argparse
 import asyncio
 import http.client
 import itertools
@@ -55,6 +54,7 @@ from urllib.parse import urlencode, urlsplit
 
 import zmq
 
+from . import cli
 from .wire import frames
 from .wire.names import InvalidName, check_channel
 
@@ -897,17 +897,23 @@ def _channel_url(parser, url: str):
 
 def publish_main(argv=None) -> int:
     """``firehose-publish URL [PAYLOAD]``: publish PAYLOAD (or stdin) and print its sequence."""
-    parser = argparse.ArgumentParser(prog="firehose-publish",
-                                     description="Publish a message to a firehose channel.")
+    parser = cli.command_parser("firehose-publish", "Publish a message to a firehose channel.",
+                                config=False)
     parser.add_argument("url", help="channel URL, e.g. http://127.0.0.1:7474/chat")
-    parser.add_argument("payload", nargs="?", help="the message; default: all of stdin")
+    parser.add_argument("payload", nargs="?",
+                        help="the message; default: all of stdin, without its final newline")
     parser.add_argument("--lines", action="store_true", help="publish each stdin line")
+    parser.add_argument("--keep-newline", action="store_true",
+                        help="publish stdin with its final newline (dropped by default)")
     parser.add_argument("--count", type=int, default=1, help="publish each message N times")
     parser.add_argument("--ttl", type=int, help="channel TTL in seconds")
     parser.add_argument("--buffer-size", type=int, help="messages kept for late subscribers")
     parser.add_argument("--persist", action="store_true", help="never expire the channel")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
-    args = parser.parse_args(argv)
+    started = cli.start(parser, argv)
+    if started.exit_code is not None:
+        return started.exit_code
+    args = started.args
     base, channel = _channel_url(parser, args.url)
     if args.count < 1:
         parser.error("--count must be at least 1")
@@ -916,7 +922,11 @@ def publish_main(argv=None) -> int:
     elif args.lines:
         payloads = [line.rstrip(b"\r\n") for line in sys.stdin.buffer]
     else:
-        payloads = [sys.stdin.buffer.read()]
+        payload = sys.stdin.buffer.read()
+        if not args.keep_newline:
+            # `echo hi | firehose-publish URL` publishes "hi", as the argument form would.
+            payload = payload[:-2] if payload.endswith(b"\r\n") else payload.removesuffix(b"\n")
+        payloads = [payload]
     with Producer(base, timeout_s=args.timeout) as producer:
         try:
             for payload in payloads:
@@ -932,8 +942,8 @@ def publish_main(argv=None) -> int:
 
 def consume_main(argv=None) -> int:
     """``firehose-consume URL``: long-poll a channel and print one message per line."""
-    parser = argparse.ArgumentParser(prog="firehose-consume",
-                                     description="Print the messages of a firehose channel.")
+    parser = cli.command_parser("firehose-consume", "Print the messages of a firehose channel.",
+                                config=False)
     parser.add_argument("url", help="channel URL, e.g. http://127.0.0.1:7474/chat")
     parser.add_argument("--since", type=int, default=0,
                         help="resume after this sequence (0: the newest message, then live)")
@@ -941,7 +951,10 @@ def consume_main(argv=None) -> int:
     parser.add_argument("--json", action="store_true",
                         help='print frames {"message":...,"last_sequence":N} instead of payloads')
     parser.add_argument("--max-errors", type=int, help="give up after N errors in a row")
-    args = parser.parse_args(argv)
+    started = cli.start(parser, argv)
+    if started.exit_code is not None:
+        return started.exit_code
+    args = started.args
     _channel_url(parser, args.url)
     if args.since < 0 or (args.count is not None and args.count < 1):
         parser.error("--since must be >= 0 and --count >= 1")

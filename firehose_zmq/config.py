@@ -3,6 +3,16 @@
 Every process of a cluster reads the same file, so edges and workers agree on the
 worker list (and so on the ring). ``conf/cluster.example.toml`` is the annotated
 reference; ``default_config()`` is what ``make run`` uses when no file is given.
+
+Where a value comes from, lowest precedence first: the dataclass default (or the
+embedded default config, whose ports start at ``FIREHOSE_PORT_BASE``, 7474), the
+file, the older aliases ``PORT``, ``FIREHOSE_LONG_POLL_TIMEOUT`` and
+``FIREHOSE_DATA_DIR``, the generated variables, command-line flags. The variables
+are generated from the fields: ``FIREHOSE_<SECTION>_<KEY>`` for every key of
+``[edge]``, ``[limits]``, ``[storage]`` and ``[admin]``, ``FIREHOSE_RING_VNODES``,
+and ``FIREHOSE_WORKERS_<ID>_<KEY>`` for a key of the worker with that id
+(upper case, other characters than letters and digits as ``_``). Every value,
+whatever its source, goes through the same check as the file's.
 """
 
 from dataclasses import dataclass, field, fields, replace
@@ -82,12 +92,35 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin listener (``firehose_zmq.admin``): metrics, health, status page.
+
+    ``bind`` is the edge's ``host:port``; each worker's is its ``[[workers]] admin``.
+    An empty string turns it off. A drained edge answers ``/readyz`` with 503 for
+    ``drain_grace_s`` before it stops. A worker is not ready while its store has
+    more than ``ready_backlog_ratio`` of ``storage.max_unflushed_ops`` waiting.
+    """
+
+    bind: str = "127.0.0.1:7477"
+    drain_grace_s: float = 5.0
+    status_timeout_s: float = 1.0  # the edge's wait for each worker's admin status
+    ready_backlog_ratio: float = 0.9
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     id: str
     router_bind: str
     router_connect: str
     pub_bind: str
     pub_connect: str
+    admin: str = ""  # host:port of this worker's admin listener; empty: none
+
+
+_WORKER_KEYS = ("id", "router_bind", "router_connect", "pub_bind", "pub_connect")
+_WORKER_OPTIONAL = ("admin",)
+# Keys whose empty string means "off".
+_MAY_BE_EMPTY = {("admin", "bind"), ("workers", "admin")}
 
 
 @dataclass(frozen=True)
@@ -97,6 +130,7 @@ class ClusterConfig:
     limits: Limits = field(default_factory=Limits)
     ring_vnodes: int = 160
     storage: StorageConfig = field(default_factory=StorageConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def worker(self, worker_id: str) -> WorkerConfig:
         for worker in self.workers:
@@ -106,16 +140,50 @@ class ClusterConfig:
         raise ConfigError(f"no worker with id {worker_id!r} in the config (known: {known})")
 
 
-def local_worker(worker_id: str, router_port: int, pub_port: int, host: str = "127.0.0.1"):
+# Sections whose every field has a generated variable, and their dataclasses.
+SECTIONS = {"edge": EdgeConfig, "limits": Limits, "storage": StorageConfig, "admin": AdminConfig}
+DEFAULT_PORT_BASE = 7474
+
+
+def local_worker(worker_id: str, router_port: int, pub_port: int, host: str = "127.0.0.1",
+                 admin_port=None):
     """A worker that binds and is reached on ``host``."""
     router = f"tcp://{host}:{router_port}"
     pub = f"tcp://{host}:{pub_port}"
-    return WorkerConfig(worker_id, router, router, pub, pub)
+    admin = f"{host}:{admin_port}" if admin_port else ""
+    return WorkerConfig(worker_id, router, router, pub, pub, admin)
 
 
-def default_config() -> ClusterConfig:
-    """The embedded default: an edge on 127.0.0.1:7474 and two local workers."""
-    return ClusterConfig(workers=(local_worker("w1", 7481, 7482), local_worker("w2", 7483, 7484)))
+def default_config(port_base: int = DEFAULT_PORT_BASE) -> ClusterConfig:
+    """The embedded default: an edge on 127.0.0.1:7474 and two local workers.
+
+    Every port is ``port_base`` plus a fixed offset: HTTP +0, native XPUB +1 and
+    ROUTER +2, the edge's admin +3, the workers' admin +4 and +5, w1 +7 and +8,
+    w2 +9 and +10 (with the base 7474: 7474-7479 and 7481-7484)."""
+    b = port_base
+    edge = EdgeConfig(port=b, native_pub_bind=f"tcp://127.0.0.1:{b + 1}",
+                      native_router_bind=f"tcp://127.0.0.1:{b + 2}")
+    return ClusterConfig(workers=(local_worker("w1", b + 7, b + 8, admin_port=b + 4),
+                                  local_worker("w2", b + 9, b + 10, admin_port=b + 5)),
+                         edge=edge, admin=AdminConfig(bind=f"127.0.0.1:{b + 3}"))
+
+
+def _check_value(where: str, key: str, value, expected: type, may_be_empty: bool = False):
+    """``value`` as a value of type ``expected``; raises ConfigError naming ``where.key``."""
+    if expected is str:
+        if not isinstance(value, str) or not (value or may_be_empty):
+            raise ConfigError(f"{where}.{key} must be a non-empty string")
+    elif expected is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}.{key} must be a list of strings")
+        value = tuple(value)
+    elif expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{where}.{key} must be a positive number")
+        value = float(value)
+    elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}.{key} must be a non-negative integer")
+    return value
 
 
 def _check_table(table, cls, where: str) -> dict:
@@ -128,64 +196,77 @@ def _check_table(table, cls, where: str) -> dict:
         expected = known.get(key)
         if expected is None:
             raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-        if expected is str:
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"{where}.{key} must be a non-empty string")
-        elif expected is tuple:
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{where}.{key} must be a list of strings")
-            value = tuple(value)
-        elif expected is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{where}.{key} must be a positive number")
-            value = float(value)
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{where}.{key} must be a non-negative integer")
-        values[key] = value
+        values[key] = _check_value(where, key, value, expected, (where, key) in _MAY_BE_EMPTY)
     return values
+
+
+def _parse_worker(i: int, table) -> WorkerConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"workers[{i}] must be a table")
+    extra = set(table) - set(_WORKER_KEYS) - set(_WORKER_OPTIONAL)
+    if extra:
+        raise ConfigError(f"workers[{i}]: unknown keys {', '.join(sorted(extra))}")
+    values = {}
+    for key in _WORKER_KEYS:
+        value = table.get(key)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"workers[{i}].{key} must be a non-empty string")
+        values[key] = value
+    for key in _WORKER_OPTIONAL:
+        if key in table:
+            values[key] = _check_value(f"workers[{i}]", key, table[key], str, True)
+    return WorkerConfig(**values)
 
 
 def parse_config(document: dict) -> ClusterConfig:
     """Build a config from a parsed TOML document; raises ConfigError."""
-    unknown = set(document) - {"workers", "edge", "limits", "ring_vnodes", "storage"}
+    unknown = set(document) - {"workers", "ring_vnodes", *SECTIONS}
     if unknown:
         raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
     raw_workers = document.get("workers")
     if not isinstance(raw_workers, list) or not raw_workers:
         raise ConfigError("the config needs at least one [[workers]] entry")
-    worker_keys = ("id", "router_bind", "router_connect", "pub_bind", "pub_connect")
-    workers = []
-    for i, table in enumerate(raw_workers):
-        values = {}
-        if isinstance(table, dict):
-            extra = set(table) - set(worker_keys)
-            if extra:
-                raise ConfigError(f"workers[{i}]: unknown keys {', '.join(sorted(extra))}")
-            for key in worker_keys:
-                value = table.get(key)
-                if not isinstance(value, str) or not value:
-                    raise ConfigError(f"workers[{i}].{key} must be a non-empty string")
-                values[key] = value
-        else:
-            raise ConfigError(f"workers[{i}] must be a table")
-        workers.append(WorkerConfig(**values))
-    ids = [w.id for w in workers]
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"worker ids must be unique: {ids}")
-    edge = EdgeConfig(**_check_table(document.get("edge", {}), EdgeConfig, "edge"))
-    limits = Limits(**_check_table(document.get("limits", {}), Limits, "limits"))
-    if limits.default_buffer_size > limits.max_buffer_size:
-        raise ConfigError("limits.default_buffer_size is above limits.max_buffer_size")
+    workers = tuple(_parse_worker(i, table) for i, table in enumerate(raw_workers))
+    sections = {name: cls(**_check_table(document.get(name, {}), cls, name))
+                for name, cls in SECTIONS.items()}
     vnodes = document.get("ring_vnodes", 160)
     if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
         raise ConfigError("ring_vnodes must be a positive integer")
-    storage = StorageConfig(**_check_table(document.get("storage", {}), StorageConfig, "storage"))
+    return check_config(ClusterConfig(workers, ring_vnodes=vnodes, **sections))
+
+
+def check_config(config: ClusterConfig) -> ClusterConfig:
+    """The rules between keys; raises ConfigError, returns ``config``."""
+    ids = [w.id for w in config.workers]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"worker ids must be unique: {ids}")
+    if config.ring_vnodes < 1:
+        raise ConfigError("ring_vnodes must be a positive integer")
+    limits, edge, storage = config.limits, config.edge, config.storage
+    if limits.default_buffer_size > limits.max_buffer_size:
+        raise ConfigError("limits.default_buffer_size is above limits.max_buffer_size")
+    if not 0 < edge.port < 65536:
+        raise ConfigError(f"edge.port must be a TCP port number, not {edge.port}")
     check_storage(storage)
     if storage.publish_id_window_s < 2 * edge.request_timeout_s:
         raise ConfigError(f"storage.publish_id_window_s ({storage.publish_id_window_s:g}) must be "
                           f"at least twice edge.request_timeout_s ({edge.request_timeout_s:g}): "
                           "an edge retries a publish until its request timeout")
-    return ClusterConfig(tuple(workers), edge, limits, vnodes, storage)
+    for where, address in [("admin.bind", config.admin.bind)] + [
+            (f"workers.{w.id}.admin", w.admin) for w in config.workers]:
+        if address:
+            split_host_port(address, where)
+    if config.admin.ready_backlog_ratio > 1:
+        raise ConfigError("admin.ready_backlog_ratio must be at most 1")
+    return config
+
+
+def split_host_port(address: str, where: str = "address") -> tuple:
+    """``"host:port"`` as ``(host, port)``; raises ConfigError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where} must be host:port, not {address!r}")
+    return host.strip("[]"), int(port)
 
 
 def check_storage(storage: StorageConfig) -> StorageConfig:
@@ -202,36 +283,132 @@ def check_storage(storage: StorageConfig) -> StorageConfig:
     return storage
 
 
-def apply_environment(config: ClusterConfig, environ) -> ClusterConfig:
-    """``PORT``, ``FIREHOSE_LONG_POLL_TIMEOUT`` (seconds) and ``FIREHOSE_DATA_DIR``
-    override the file."""
-    edge = config.edge
-    port = environ.get("PORT")
-    if port:
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"PORT must be a TCP port number, not {port!r}")
-        edge = replace(edge, port=int(port))
-    timeout = environ.get("FIREHOSE_LONG_POLL_TIMEOUT")
-    if timeout:
+# -- the environment -----------------------------------------------------------
+
+# Older names, kept: variable -> (section, key).
+ALIASES = {"PORT": ("edge", "port"),
+           "FIREHOSE_LONG_POLL_TIMEOUT": ("edge", "long_poll_timeout_s"),
+           "FIREHOSE_DATA_DIR": ("storage", "data_dir")}
+PORT_BASE_VARIABLE = "FIREHOSE_PORT_BASE"
+
+
+def _env_token(name: str) -> str:
+    return "".join(c if c.isascii() and c.isalnum() else "_" for c in name).upper()
+
+
+def variable_name(section: str, key: str) -> str:
+    """The environment variable of ``section.key`` (``section`` may be ``workers.<id>``)."""
+    if section.startswith("workers."):
+        return f"FIREHOSE_WORKERS_{_env_token(section[8:])}_{_env_token(key)}"
+    if section == "":
+        return f"FIREHOSE_{_env_token(key)}"
+    return f"FIREHOSE_{_env_token(section)}_{_env_token(key)}"
+
+
+def _from_text(variable: str, text: str, expected: type):
+    """An environment string as the raw value a TOML file would give."""
+    try:
+        if expected is int:
+            return int(text.strip())
+        if expected is float:
+            return float(text.strip())
+    except ValueError:
+        what = "an integer" if expected is int else "a number"
+        raise ConfigError(f"{variable} must be {what}, not {text!r}") from None
+    if expected is tuple:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return text
+
+
+def _override(config: ClusterConfig, section: str, key: str, value) -> ClusterConfig:
+    if section.startswith("workers."):
+        worker_id = section[8:]
+        return replace(config, workers=tuple(replace(w, **{key: value}) if w.id == worker_id
+                                             else w for w in config.workers))
+    if section == "":
+        return replace(config, **{key: value})
+    return replace(config, **{section: replace(getattr(config, section), **{key: value})})
+
+
+def _settable(config: ClusterConfig) -> dict:
+    """``variable -> (section, key, type)`` for every key of ``config``."""
+    table = {variable_name("", "ring_vnodes"): ("", "ring_vnodes", int)}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            table[variable_name(section, f.name)] = (section, f.name, type(f.default))
+    for worker in config.workers:
+        for key in _WORKER_KEYS[1:] + _WORKER_OPTIONAL:
+            table[variable_name(f"workers.{worker.id}", key)] = (f"workers.{worker.id}", key, str)
+    return table
+
+
+def apply_environment(config: ClusterConfig, environ, sources=None) -> ClusterConfig:
+    """The file's config with the environment's overrides (see the module docstring).
+
+    ``sources``, when given, gets ``"section.key" -> "env VARIABLE"`` for each value
+    taken from the environment. Raises ConfigError for a bad value or an unknown
+    ``FIREHOSE_<SECTION>_...`` variable."""
+    settable = _settable(config)
+    chosen = {}
+    for variable, (section, key) in ALIASES.items():
+        if environ.get(variable):
+            chosen[(section, key)] = variable
+    for variable in sorted(environ):
+        if variable in settable:
+            section, key, _ = settable[variable]
+            chosen[(section, key)] = variable
+        elif variable.startswith(tuple(f"FIREHOSE_{_env_token(s)}_"
+                                       for s in (*SECTIONS, "workers"))):
+            raise ConfigError(f"unknown configuration variable {variable} "
+                              "(FIREHOSE_<SECTION>_<KEY>; firehose-edge --print-config lists them)")
+    types = {(section, key): expected for section, key, expected in settable.values()}
+    for (section, key), variable in chosen.items():
+        expected = types[(section, key)]
+        where = section or "config"
+        raw = _from_text(variable, environ[variable], expected)
         try:
-            seconds = float(timeout)
-        except ValueError:
-            seconds = -1.0
-        if not seconds > 0:
-            raise ConfigError(f"FIREHOSE_LONG_POLL_TIMEOUT must be a positive number of seconds,"
-                              f" not {timeout!r}")
-        edge = replace(edge, long_poll_timeout_s=seconds)
-    storage = config.storage
-    data_dir = environ.get("FIREHOSE_DATA_DIR")
-    if data_dir:
-        storage = replace(storage, data_dir=data_dir)
-    return replace(config, edge=edge, storage=storage)
+            value = _check_value(where, key, raw, expected,
+                                 (section.split(".")[0], key) in _MAY_BE_EMPTY)
+        except ConfigError as exc:
+            raise ConfigError(f"{variable}={environ[variable]!r}: {exc}") from None
+        if (section, key) == ("edge", "port") and not 0 < value < 65536:
+            raise ConfigError(f"{variable} must be a TCP port number, not {environ[variable]!r}")
+        config = _override(config, section, key, value)
+        if sources is not None:
+            sources[f"{section}.{key}" if section else key] = f"env {variable}"
+    return config
 
 
-def load_config(path: Optional[str] = None, environ=None) -> ClusterConfig:
-    """The file at ``path`` (or the embedded default), then the environment overrides."""
+def apply_overrides(config: ClusterConfig, overrides: dict, sources=None) -> ClusterConfig:
+    """``{("section", "key"): (value, "where it came from")}`` on top of ``config``."""
+    for (section, key), (value, origin) in overrides.items():
+        config = _override(config, section, key, value)
+        if sources is not None:
+            sources[f"{section}.{key}"] = origin
+    return config
+
+
+def _port_base(environ) -> int:
+    text = environ.get(PORT_BASE_VARIABLE)
+    if not text:
+        return DEFAULT_PORT_BASE
+    if not text.isdigit() or not 0 < int(text) < 65536 - 10:
+        raise ConfigError(f"{PORT_BASE_VARIABLE} must be a TCP port number below 65526, "
+                          f"not {text!r}")
+    return int(text)
+
+
+def load_config_with_sources(path: Optional[str] = None, environ=None, overrides=None) -> tuple:
+    """``(config, sources)``: the file at ``path`` (or the embedded default), then the
+    environment, then ``overrides`` (see ``apply_overrides``). ``sources`` maps
+    ``"section.key"`` to where a value that is not the built-in default came from."""
+    environ = os.environ if environ is None else environ
+    sources: dict = {}
     if path is None:
-        config = default_config()
+        base = _port_base(environ)
+        config = default_config(base)
+        if base != DEFAULT_PORT_BASE:
+            sources["ports"] = f"env {PORT_BASE_VARIABLE}"
     else:
         try:
             with open(path, "rb") as f:
@@ -241,4 +418,80 @@ def load_config(path: Optional[str] = None, environ=None) -> ClusterConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
         config = parse_config(document)
-    return apply_environment(config, os.environ if environ is None else environ)
+        for section in SECTIONS:
+            for key in document.get(section, {}):
+                sources[f"{section}.{key}"] = f"file {path}"
+        if "ring_vnodes" in document:
+            sources["ring_vnodes"] = f"file {path}"
+        for worker in config.workers:
+            for key in _WORKER_KEYS[1:] + _WORKER_OPTIONAL:
+                sources[f"workers.{worker.id}.{key}"] = f"file {path}"
+    config = apply_environment(config, environ, sources)
+    config = apply_overrides(config, overrides or {}, sources)
+    return check_config(config), sources
+
+
+def load_config(path: Optional[str] = None, environ=None) -> ClusterConfig:
+    """The file at ``path`` (or the embedded default), then the environment overrides."""
+    return load_config_with_sources(path, environ)[0]
+
+
+_PORT_BASE_KEYS = {"edge.port", "edge.native_pub_bind", "edge.native_router_bind", "admin.bind"}
+
+
+def effective_values(config: ClusterConfig, sources: dict, path: Optional[str]) -> list:
+    """``[(name, value, source, variable)]`` for every key of ``config``, in file order."""
+    default = "embedded default" if path is None else "default"
+    moved = sources.get("ports")  # the embedded default's ports moved by FIREHOSE_PORT_BASE
+
+    def source_of(name: str, from_base: bool) -> str:
+        return sources.get(name) or (moved if moved and from_base else default)
+
+    rows = [("ring_vnodes", config.ring_vnodes, source_of("ring_vnodes", False),
+             variable_name("", "ring_vnodes"))]
+    for section in SECTIONS:
+        values = getattr(config, section)
+        for f in fields(values):
+            name = f"{section}.{f.name}"
+            rows.append((name, getattr(values, f.name), source_of(name, name in _PORT_BASE_KEYS),
+                         variable_name(section, f.name)))
+    for worker in config.workers:
+        for key in _WORKER_KEYS[1:] + _WORKER_OPTIONAL:
+            name = f"workers.{worker.id}.{key}"
+            rows.append((name, getattr(worker, key), source_of(name, True),
+                         variable_name(f"workers.{worker.id}", key)))
+    return rows
+
+
+def local_bind_clashes(config: ClusterConfig, include_edge: bool = True) -> list:
+    """Addresses that two listeners of ``config`` would both bind on one host, as
+    one-line descriptions (``firehose-cluster`` runs every process on this host)."""
+    wildcard = ("0.0.0.0", "*", "::", "")
+    taken: list = []  # (host, port, what)
+    clashes = []
+
+    def add(host: str, port: int, what: str) -> None:
+        for other_host, other_port, other in taken:
+            if port == other_port and (host == other_host or host in wildcard
+                                       or other_host in wildcard):
+                clashes.append(f"{what} and {other} would both bind port {port}")
+        taken.append((host, port, what))
+
+    def add_zmq(endpoint: str, what: str) -> None:
+        if endpoint.startswith("tcp://"):
+            host, _, port = endpoint[6:].rpartition(":")
+            if port.isdigit():
+                add(host.strip("[]"), int(port), what)
+
+    for w in config.workers:
+        add_zmq(w.router_bind, f"worker {w.id} router_bind")
+        add_zmq(w.pub_bind, f"worker {w.id} pub_bind")
+        if w.admin:
+            add(*split_host_port(w.admin), f"worker {w.id} admin")
+    if include_edge:
+        add(config.edge.host, config.edge.port, "edge port")
+        add_zmq(config.edge.native_pub_bind, "edge native_pub_bind")
+        add_zmq(config.edge.native_router_bind, "edge native_router_bind")
+        if config.admin.bind:
+            add(*split_host_port(config.admin.bind), "admin bind")
+    return clashes

@@ -65,6 +65,21 @@ class TimeSeries:
         self.connections -= 1
         self.incr(now, "connections_closed")
 
+    def global_counts(self, now: float) -> list:
+        """``[(bucket start, {name: count})]`` of every kept bucket, oldest first; the
+        last is the current one (still counting)."""
+        self._current(now)
+        return [(bucket.time, dict(bucket.global_counts)) for bucket in self._buckets.values()]
+
+    @property
+    def bucket_s(self) -> int:
+        return self._bucket_s
+
+    @property
+    def kept_s(self) -> int:
+        """Seconds of history kept: a reader must look at least this often to see every bucket."""
+        return self._bucket_s * self._keep
+
     def report(self, now: float) -> list:
         """Every kept bucket, oldest first."""
         self._current(now)

@@ -10,18 +10,29 @@ and flush their stores); SIGKILL for whatever is still running after
 ``storage.data_dir`` of the config (``./var`` by default). Children also get SIGTERM if the supervisor itself is killed (Linux
 parent-death signal). For a cluster spread over hosts, run ``firehose-worker``
 and ``firehose-edge`` with the same ``--config`` on each host instead.
+
+It refuses, with one line and before starting anything, a config in which two
+processes would bind the same address on this host, and a port that something
+else already holds (a second ``make run``). A child that exits with an error
+status (not a signal) within ``_STARTUP_S`` seconds of its first start (it could
+not bind, or its config or store is unusable) stops the cluster instead of being
+restarted forever; a child that exits with status 0 (a drained edge, a worker
+stopped by an operator's SIGTERM) is not restarted.
 """
 
 import argparse
 import ctypes
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
-from .config import ConfigError, load_config
+from . import cli
+from .config import local_bind_clashes, split_host_port
 
 log = logging.getLogger("firehose.cluster")
 
@@ -29,6 +40,7 @@ _PR_SET_PDEATHSIG = 1
 _HANDLED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 _MAX_BACKOFF_S = 5.0
 _HEALTHY_AFTER_S = 10.0
+_STARTUP_S = 5.0
 
 
 def _child_setup() -> None:
@@ -41,14 +53,17 @@ def _child_setup() -> None:
 
 
 class Child:
-    def __init__(self, name: str, argv: list, stop_step: int = 0):
+    def __init__(self, name: str, argv: list, stop_step: int = 0, env=None):
         self.name = name
         self.argv = argv
+        self.env = env  # None: the supervisor's own
         self.stop_step = stop_step  # children are stopped in increasing steps
         self.process = None
         self.started_at = 0.0
         self.backoff_s = 0.5
         self.restart_at = None
+        self.starts = 0
+        self.finished = False  # exited with status 0: not restarted
 
 
 class Supervisor:
@@ -57,9 +72,10 @@ class Supervisor:
         self.stop_timeout_s = stop_timeout_s
 
     def _start(self, child: Child) -> None:
-        child.process = subprocess.Popen(child.argv, preexec_fn=_child_setup)
+        child.process = subprocess.Popen(child.argv, preexec_fn=_child_setup, env=child.env)
         child.started_at = time.monotonic()
         child.restart_at = None
+        child.starts += 1
         log.info("started %s (pid %d)", child.name, child.process.pid)
 
     def run(self) -> int:
@@ -76,13 +92,21 @@ class Supervisor:
                     log.info("received %s: stopping the cluster",
                              signal.Signals(info.si_signo).name)
                     return 0
-                self._reap_and_restart()
+                failed = self._reap_and_restart()
+                if failed is not None:
+                    log.error("%s exited with status %d while starting; stopping the cluster "
+                              "(its log above says why)", failed.name, failed.process.returncode)
+                    return 1
         finally:
             self._stop_all()
 
-    def _reap_and_restart(self) -> None:
+    def _reap_and_restart(self):
+        """Reap exited children and schedule their restart; returns a child that
+        failed at its first start (the cluster should stop) or None."""
         now = time.monotonic()
         for child in self.children:
+            if child.finished:
+                continue
             if child.restart_at is not None:
                 if now >= child.restart_at:
                     self._start(child)
@@ -90,12 +114,20 @@ class Supervisor:
             code = child.process.poll()
             if code is None:
                 continue
+            if code == 0:
+                log.info("%s (pid %d) exited with status 0 (drained or stopped); not restarting "
+                         "it", child.name, child.process.pid)
+                child.finished = True
+                continue
+            if code > 0 and child.starts == 1 and now - child.started_at < _STARTUP_S:
+                return child
             if now - child.started_at > _HEALTHY_AFTER_S:
                 child.backoff_s = 0.5
             log.warning("%s (pid %d) exited with status %d; restarting it in %.1f s",
                         child.name, child.process.pid, code, child.backoff_s)
             child.restart_at = now + child.backoff_s
             child.backoff_s = min(child.backoff_s * 2, _MAX_BACKOFF_S)
+        return None
 
     def _stop_all(self) -> None:
         for step in sorted({c.stop_step for c in self.children}):
@@ -116,27 +148,68 @@ class Supervisor:
         log.info("cluster stopped")
 
 
+def listeners(config) -> list:
+    """``(host, port, what)`` of every TCP address this host's cluster binds."""
+    found = []
+
+    def zmq_endpoint(endpoint: str, what: str) -> None:
+        if endpoint.startswith("tcp://"):
+            host, _, port = endpoint[6:].rpartition(":")
+            if port.isdigit():
+                found.append((host.strip("[]"), int(port), what))
+
+    found.append((config.edge.host, config.edge.port, "the edge's HTTP port"))
+    zmq_endpoint(config.edge.native_pub_bind, "edge native_pub_bind")
+    zmq_endpoint(config.edge.native_router_bind, "edge native_router_bind")
+    if config.admin.bind:
+        found.append((*split_host_port(config.admin.bind), "admin bind"))
+    for w in config.workers:
+        zmq_endpoint(w.router_bind, f"worker {w.id} router_bind")
+        zmq_endpoint(w.pub_bind, f"worker {w.id} pub_bind")
+        if w.admin:
+            found.append((*split_host_port(w.admin), f"worker {w.id} admin"))
+    return found
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when binding ``host:port`` fails because something holds it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host if host not in ("*", "") else "0.0.0.0", port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="firehose-cluster",
-        description="Run a local firehose-zmq cluster (every worker of the config and one edge).")
-    parser.add_argument("--config", help="cluster config (TOML); default: the embedded local one")
-    parser.add_argument("--log-level", default="INFO")
+    parser = cli.command_parser(
+        "firehose-cluster",
+        "Run a local firehose-zmq cluster (every worker of the config and one edge).")
     parser.add_argument("--stop-timeout", type=float, default=10.0,
                         help="seconds to wait for children after SIGTERM before SIGKILL")
     parser.add_argument("--edges", type=int, default=1,
                         help="edge processes sharing the HTTP port (one per core); default 1")
-    args = parser.parse_args(argv)
+    started = cli.start(parser, argv)
+    if started.exit_code is not None:
+        return started.exit_code
+    args, config = started.args, started.config
     if args.edges < 1:
         parser.error("--edges must be at least 1")
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        log.error("%s", exc)
+    clashes = local_bind_clashes(config)
+    if clashes:
+        log.error("this config cannot run on one host: %s (firehose-cluster runs every "
+                  "process here; give each worker its own ports)", "; ".join(clashes))
         return 2
-    common = ["--log-level", args.log_level] + (["--config", args.config] if args.config else [])
+    for host, port, what in listeners(config):
+        if port_in_use(host, port):
+            log.error("port %d (%s) is already in use on %s: is another cluster running? "
+                      "Move every port with FIREHOSE_PORT_BASE=<port> (or one with "
+                      "FIREHOSE_<SECTION>_<KEY>, see --print-config)", port, what, host)
+            return 1
+    common = (["--log-level", args.log_level, "--log-format", args.log_format]
+              + (["--config", args.config] if args.config else []))
     children = [Child(f"worker {w.id}",
                       [sys.executable, "-m", "firehose_zmq.worker", "--id", w.id] + common,
                       stop_step=1)
@@ -148,8 +221,10 @@ def main(argv=None) -> int:
         # Every edge shares the HTTP port (SO_REUSEPORT); the first one also
         # serves the native ZeroMQ endpoints, whose ports cannot be shared.
         for n in range(args.edges, 0, -1):
+            # Only the first serves the admin listener, whose port cannot be shared either.
             extra = ["--reuse-port"] + ([] if n == 1 else ["--no-native"])
-            children.insert(0, Child(f"edge {n}", edge_argv + extra, stop_step=0))
+            env = None if n == 1 else {**os.environ, "FIREHOSE_ADMIN_BIND": ""}
+            children.insert(0, Child(f"edge {n}", edge_argv + extra, stop_step=0, env=env))
     edge = config.edge
     log.info("firehose cluster: %d edge(s) on http://%s:%d, workers %s; durability %s in %s",
              args.edges, edge.host, edge.port,

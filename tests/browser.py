@@ -44,12 +44,12 @@ def find_or_install_chromium():
 class Chromium:
     """One headless Chromium showing ``url``, with a profile directory of its own."""
 
-    def __init__(self, binary: str, url: str):
+    def __init__(self, binary: str, url: str, extra_flags=()):
         self.profile = tempfile.TemporaryDirectory(prefix="chromium-profile-",
                                                    ignore_cleanup_errors=True)
         self.log = tempfile.TemporaryFile()
         self.popen = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={self.profile.name}",
-                                       url], stdin=subprocess.DEVNULL, stdout=self.log,
+                                       *extra_flags, url], stdin=subprocess.DEVNULL, stdout=self.log,
                                       stderr=subprocess.STDOUT, start_new_session=True)
 
     def log_text(self) -> str:

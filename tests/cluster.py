@@ -94,30 +94,34 @@ class Cluster:
         self.http_port = free_port()
         self.native_pub = f"tcp://127.0.0.1:{free_port()}"
         self.native_router = f"tcp://127.0.0.1:{free_port()}"
+        self.admin = f"127.0.0.1:{free_port()}"  # the edge's admin listener
         self.endpoints = {}
+        self.worker_admin = {}
         lines = []
         for worker_id in self.worker_ids:
             router, pub = free_port(), free_port()
             self.endpoints[worker_id] = (f"tcp://127.0.0.1:{router}", f"tcp://127.0.0.1:{pub}")
+            self.worker_admin[worker_id] = f"127.0.0.1:{free_port()}"
             lines += ["[[workers]]", f'id = "{worker_id}"',
                       f'router_bind = "tcp://127.0.0.1:{router}"',
                       f'router_connect = "tcp://127.0.0.1:{router}"',
                       f'pub_bind = "tcp://127.0.0.1:{pub}"',
-                      f'pub_connect = "tcp://127.0.0.1:{pub}"', ""]
+                      f'pub_connect = "tcp://127.0.0.1:{pub}"',
+                      f'admin = "{self.worker_admin[worker_id]}"', ""]
         self.data_dir = self.tmp_path / "data"
         lines += ["[edge]", 'host = "127.0.0.1"', f"port = {self.http_port}",
                   f"long_poll_timeout_s = {long_poll_timeout_s}",
                   f'native_pub_bind = "{self.native_pub}"',
                   f'native_router_bind = "{self.native_router}"', extra_config, "",
                   "[storage]", f'durability = "{durability}"', f'data_dir = "{self.data_dir}"',
-                  storage_config]
+                  storage_config, "", "[admin]", f'bind = "{self.admin}"']
         self.config_path = self.tmp_path / "cluster.toml"
         self.config_path.write_text("\n".join(lines) + "\n")
         self.workers: dict = {}
         self.edge = None
         self.extra_edges: list = []
         self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("PORT", "FIREHOSE_LONG_POLL_TIMEOUT", "FIREHOSE_DATA_DIR")}
+                    if k != "PORT" and not k.startswith("FIREHOSE_")}
 
     def start(self) -> "Cluster":
         try:
@@ -161,7 +165,8 @@ class Cluster:
         config_path = self.tmp_path / f"edge-{port}.toml"
         config_path.write_text(self.config_path.read_text()
                                .replace(self.native_pub, f"tcp://127.0.0.1:{free_port()}")
-                               .replace(self.native_router, f"tcp://127.0.0.1:{free_port()}"))
+                               .replace(self.native_router, f"tcp://127.0.0.1:{free_port()}")
+                               .replace(self.admin, f"127.0.0.1:{free_port()}"))
         process = Process(f"edge {port}", [str(BIN / "firehose-edge"), "--config",
                                            str(config_path)], {**self.env, "PORT": str(port)})
         self.extra_edges.append(process)
@@ -169,6 +174,10 @@ class Cluster:
         for worker_id in self.worker_ids:
             process.wait_for(f"worker {worker_id} up")
         return process, port
+
+    def admin_url(self, path: str, worker_id=None) -> str:
+        """A URL on the edge's admin listener, or on ``worker_id``'s."""
+        return f"http://{self.worker_admin[worker_id] if worker_id else self.admin}{path}"
 
     def url(self, path: str, port=None) -> str:
         return f"http://127.0.0.1:{port or self.http_port}{path}"

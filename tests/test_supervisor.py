@@ -4,12 +4,15 @@ import json
 import os
 import re
 import signal
-import socket
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from .cluster import BIN, Cluster, Process
 from .http import request
+from .ports import free_port_block
+from firehose_zmq.testing import free_port
 
 
 def pids_started(process: Process) -> dict:
@@ -59,24 +62,13 @@ def test_cluster_restarts_a_dead_worker_and_stops_everything(tmp_path):
         supervisor.stop()
 
 
-def ports_free(ports) -> bool:
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
 def test_embedded_default_needs_no_config(tmp_path):
-    """With no config file the cluster runs two workers and an edge on PORT."""
-    from .cluster import free_port
-    if not ports_free([7475, 7476, 7481, 7482, 7483, 7484]):
-        pytest.skip("the default ZeroMQ ports 7475-7476, 7481-7484 are in use on this machine")
+    """With no config file the cluster runs two workers and an edge; FIREHOSE_PORT_BASE
+    moves every port, PORT the HTTP one."""
+    base = free_port_block()
     port = free_port()
-    env = dict(os.environ, PORT=str(port), FIREHOSE_LONG_POLL_TIMEOUT="1",
-               FIREHOSE_DATA_DIR=str(tmp_path / "var"))
+    env = dict(os.environ, FIREHOSE_PORT_BASE=str(base), PORT=str(port),
+               FIREHOSE_LONG_POLL_TIMEOUT="1", FIREHOSE_DATA_DIR=str(tmp_path / "var"))
     supervisor = Process("cluster", [str(BIN / "firehose-cluster")], env)
     try:
         supervisor.wait_for("worker w1 up")
@@ -85,9 +77,46 @@ def test_embedded_default_needs_no_config(tmp_path):
         url = f"http://127.0.0.1:{port}/default"
         assert request(url, "PUT", b"x").status == 202
         assert request(url + "?last_message_sequence=1").status == 204
+        assert request(f"http://127.0.0.1:{base + 3}/readyz").status == 200
+        assert request(f"http://127.0.0.1:{base + 4}/healthz").status == 200  # w1's admin
+        supervisor.wait_for(f"native ZeroMQ: subscribe on tcp://127.0.0.1:{base + 1}")
+
+        second = subprocess.run([str(BIN / "firehose-cluster")], env=env, capture_output=True,
+                                text=True, timeout=30)
+        assert second.returncode == 1
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "already in use" in lines[0], second.stderr
+        assert "FIREHOSE_PORT_BASE" in lines[0]
     finally:
         supervisor.signal(signal.SIGINT)
         assert supervisor.popen.wait(20) == 0
+        supervisor.stop()
+
+
+def test_a_config_whose_workers_bind_the_same_address_is_refused():
+    """The example config (two hosts, same ports) cannot run as one local cluster."""
+    result = subprocess.run([str(BIN / "firehose-cluster"), "--config",
+                             "conf/cluster.example.toml"], capture_output=True, text=True,
+                            timeout=30, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "worker w2 router_bind and worker w1 router_bind would both bind port 7481" in lines[0]
+
+
+def test_a_child_that_cannot_start_stops_the_cluster(tmp_path):
+    """A worker whose store cannot be opened fails at its first start: the cluster stops
+    with status 1 instead of restarting it forever."""
+    layout = Cluster(tmp_path)
+    layout.data_dir.mkdir(parents=True)
+    (layout.data_dir / "w1.sqlite3").write_bytes(b"this is not a database" * 100)
+    supervisor = Process("cluster", [str(BIN / "firehose-cluster"), "--config",
+                                     str(layout.config_path)], layout.env)
+    try:
+        assert supervisor.popen.wait(30) == 1
+        supervisor.wait_for("worker w1 exited with status 1 while starting; stopping the cluster")
+        assert "restarting it" not in supervisor.log_text()
+    finally:
         supervisor.stop()
 
 

@@ -270,6 +270,11 @@ class Fanout:
                       listener.floor, message.seq)
             self._fetch(listener, since=listener.floor, after=True)
 
+    def listener_count(self, channel: str) -> int:
+        """Listeners of ``channel`` on this edge (long-polls and streams)."""
+        feed = self._feeds.get(channel)
+        return len(feed.listeners) if feed is not None else 0
+
     def worker_changed(self, worker_id: str, up: bool) -> None:
         """The backend's verdict on a worker changed; see the module docstring.
 

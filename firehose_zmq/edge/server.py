@@ -8,7 +8,6 @@ client connection calls its operations (``poll``, ``publish``, ``delete``,
 ``owner_up``, ``metrics_json``).
 """
 
-import argparse
 import asyncio
 import json
 import logging
@@ -17,7 +16,8 @@ import time
 
 import tornado.netutil
 
-from ..config import ConfigError, load_config
+from .. import cli
+from ..admin import EdgeAdmin
 from ..metrics import TimeSeries
 from ..wire import http
 from .backend import Backend, BackendError, RequestRejected
@@ -49,6 +49,7 @@ class Edge:
         self.streams: set = set()  # open WebSockets and event streams (streams.py)
         self.server = None
         self.stopping = False  # set by stop(): a long-poll started now is answered 204 at once
+        self.admin = EdgeAdmin(self)  # metrics, health, status page on [admin] bind
 
     def _on_message(self, message) -> None:
         self.fanout.on_message(message)
@@ -70,6 +71,7 @@ class Edge:
             sockets = tornado.netutil.bind_sockets(self.config.edge.port, self.config.edge.host,
                                                    reuse_port=self.reuse_port)
         self.server.serve_on(sockets)
+        self.admin.start()
         log.info("edge listening on http://%s:%d (%d workers, long-poll timeout %g s, %s loop, "
                  "%s, at most %d connections)",
                  self.config.edge.host, self.config.edge.port, len(self.config.workers),
@@ -82,6 +84,7 @@ class Edge:
         """Stop accepting, answer every waiting long-poll with 204, let publishes in
         flight get their answer (bounded by the request timeout), close the links."""
         self.stopping = True
+        self.admin.close()
         if self.server is not None:
             self.server.stop_accepting()
         for poll in self.timeouts.pending():
@@ -163,10 +166,7 @@ async def serve(config, stop: asyncio.Event, native: bool, reuse_port: bool,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="firehose-edge",
-                                     description="Run one HTTP edge of a firehose-zmq cluster.")
-    parser.add_argument("--config", help="cluster config (TOML); default: the embedded local one")
-    parser.add_argument("--log-level", default="INFO")
+    parser = cli.command_parser("firehose-edge", "Run one HTTP edge of a firehose-zmq cluster.")
     parser.add_argument("--reuse-port", action="store_true",
                         help="share the HTTP port with other edges on this host (SO_REUSEPORT)")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
@@ -175,14 +175,10 @@ def main(argv=None) -> int:
                         help="do not serve the native ZeroMQ endpoints (another edge does)")
     parser.add_argument("--no-fast-path", action="store_true",
                         help="let Tornado read every request (the slow path; for comparison)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+    started = cli.start(parser, argv)
+    if started.exit_code is not None:
+        return started.exit_code
+    args, config = started.args, started.config
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -31,9 +31,7 @@ and stores nothing. On SIGTERM the worker reads what is already queued,
 answers it, flushes the store, marks it clean and exits.
 """
 
-import argparse
 from collections import deque
-from dataclasses import replace
 import logging
 import math
 import os
@@ -44,7 +42,9 @@ import zmq
 
 from ..wire import frames
 from .channel import ChannelTable, PublishIds
-from ..config import DURABILITY_MODES, ConfigError, check_storage, load_config
+from .. import cli
+from ..admin import WorkerAdmin
+from ..config import DURABILITY_MODES, ConfigError, check_storage
 from ..wire.names import InvalidName, check_channel
 from ..ring import Ring
 from .store import (DeleteOp, EpochOp, PruneOp, PublishOp, Store, StoreError, StoreWriter)
@@ -488,25 +488,19 @@ class Worker:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="firehose-worker",
-                                     description="Run one channel worker of a firehose-zmq cluster.")
-    parser.add_argument("--config", help="cluster config (TOML); default: the embedded local one")
+    parser = cli.command_parser("firehose-worker",
+                                "Run one channel worker of a firehose-zmq cluster.")
     parser.add_argument("--id", required=True, help="this worker's id in the config")
     parser.add_argument("--durability", choices=DURABILITY_MODES,
                         help="override storage.durability (default: the config's, sync)")
     parser.add_argument("--data-dir", help="override storage.data_dir (default: ./var)")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
+    started = cli.start(parser, argv, lambda args: {
+        **({("storage", "durability"): (args.durability, "--durability")} if args.durability else {}),
+        **({("storage", "data_dir"): (args.data_dir, "--data-dir")} if args.data_dir else {})})
+    if started.exit_code is not None:
+        return started.exit_code
+    args, config = started.args, started.config
     try:
-        config = load_config(args.config)
-        overrides = {}
-        if args.durability:
-            overrides["durability"] = args.durability
-        if args.data_dir:
-            overrides["data_dir"] = args.data_dir
-        config = replace(config, storage=check_storage(replace(config.storage, **overrides)))
         worker = Worker(config, args.id)
     except ConfigError as exc:
         log.error("%s", exc)
@@ -514,10 +508,12 @@ def main(argv=None) -> int:
     stopping = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.append(True))
+    admin = WorkerAdmin(worker)
     try:
         worker.bind()
         worker.open_store()
-    except zmq.ZMQError as exc:
+        admin.start()
+    except (zmq.ZMQError, OSError) as exc:
         log.error("worker %s cannot bind: %s", args.id, exc)
         worker.close()
         return 1
@@ -530,6 +526,7 @@ def main(argv=None) -> int:
     try:
         ok = worker.run(lambda: bool(stopping))
     finally:
+        admin.close()
         # A clean stop lingers so the last replies leave; a failed one does not.
         worker.close(linger_ms=1000 if ok else 0)
         c = worker.counters

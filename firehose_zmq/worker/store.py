@@ -38,6 +38,7 @@ the buffer size, an expired or deleted channel loses its rows, and publish ids
 older than the retry window are pruned.
 """
 
+import bisect
 import logging
 import os
 import queue
@@ -327,6 +328,9 @@ class Store:
             self._db.close()
 
 
+COMMIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
 class StoreWriter:
     """Commits the loop's batches on a thread of its own; see the module docstring.
 
@@ -354,6 +358,10 @@ class StoreWriter:
         self.unflushed_ops = 0
         self.failed = False
         self.commits = 0
+        # Commit time, read by the admin listener: the sum and a histogram whose
+        # counts are per bucket of COMMIT_BUCKETS_S (upper bounds), the last above all.
+        self.commit_seconds = 0.0
+        self.commit_histogram = [0] * (len(COMMIT_BUCKETS_S) + 1)
 
     def start(self) -> None:
         self._thread.start()
@@ -449,6 +457,9 @@ class StoreWriter:
                 started = time.monotonic()
                 store.apply(ops for _, ops in batches)
                 self.commits += 1
+                elapsed = time.monotonic() - started
+                self.commit_seconds += elapsed
+                self.commit_histogram[bisect.bisect_left(COMMIT_BUCKETS_S, elapsed)] += 1
                 notify.send(batches[-1][0].to_bytes(8, "big"))
                 log.debug("committed %d batch(es) in %.1f ms", len(batches),
                           1000 * (time.monotonic() - started))

@@ -20,7 +20,6 @@ restarted forever; a child that exits with status 0 (a drained edge, a worker
 stopped by an operator's SIGTERM) is not restarted.
 """
 
-import argparse
 import ctypes
 import errno
 import logging

@@ -7,7 +7,6 @@ snippet become those of a cluster started from the embedded default with
 """
 
 import asyncio
-import json
 import os
 import re
 import selectors

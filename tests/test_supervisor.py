@@ -7,7 +7,6 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from .cluster import BIN, Cluster, Process
 from .http import request

@@ -9,7 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["firehose-edge", "firehose-worker", "firehose-cluster"])
+@pytest.mark.parametrize("name", ["firehose-edge", "firehose-worker", "firehose-cluster",
+                                  "firehose-keys"])
 def test_launcher_shows_help(name):
     result = subprocess.run([sys.executable, str(ROOT / "bin" / name), "--help"],
                             capture_output=True, text=True, timeout=30, cwd="/")

@@ -89,8 +89,9 @@ def test_unusable_key_files_are_one_line_errors(tmp_path, problem, message):
 
 def test_curve_config_needs_every_key(tmp_path):
     """curve.enabled without a worker's key, or with a key for an unknown worker, is refused."""
-    base = ("[[workers]]\nid='w1'\nrouter_bind='tcp://127.0.0.1:1'\nrouter_connect='tcp://127.0.0.1:1'"
-            "\npub_bind='tcp://127.0.0.1:2'\npub_connect='tcp://127.0.0.1:2'\n")
+    base = ("[[workers]]\nid='w1'\nrouter_bind='tcp://127.0.0.1:1'\n"
+            "router_connect='tcp://127.0.0.1:1'\npub_bind='tcp://127.0.0.1:2'\n"
+            "pub_connect='tcp://127.0.0.1:2'\n")
     for text, expected in [
             ("[curve]\nenabled=true\nedge_key='e'\nedge_secret_key='e'\nnative_secret_key='n'\n",
              "no key for worker w1"),

@@ -91,6 +91,69 @@ class StorageConfig:
     max_unflushed_ops: int = 50000
 
 
+AUTH_MODES = ("open", "required")
+AUTH_OPS = ("publish", "subscribe")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may publish and subscribe (README, "Security"; ``firehose_zmq.auth``).
+
+    ``publish`` / ``subscribe``: ``open`` (no credential) or ``required`` (a JWT
+    whose claim ``jwt_claim`` grants the channel, and the callout's consent when
+    ``callout_url`` is set). Keys come from ``jwt_key`` or ``jwt_key_file``, never
+    from the command line. An edge whose HTTP listener or native request endpoint
+    is reachable from other hosts refuses to start with ``publish = "open"``
+    unless ``allow_open_publish`` is true.
+    """
+
+    publish: str = "open"
+    subscribe: str = "open"
+    allow_open_publish: bool = False
+    jwt_algorithms: tuple = ("HS256",)
+    jwt_key: str = ""  # the HS256 shared secret itself
+    jwt_key_file: str = ""  # a PEM public key (RS256/ES256) or a file holding the shared secret
+    jwt_claim: str = "firehose"
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_leeway_s: int = 30
+    token_cache_size: int = 4096
+    cookie_name: str = "firehose_token"
+    query_param: str = "access_token"
+    realm: str = "firehose"
+    callout_url: str = ""
+    callout_ops: tuple = AUTH_OPS
+    callout_timeout_s: float = 2.0
+    callout_cache_ttl_s: int = 5
+    callout_cache_size: int = 1024
+    callout_max_in_flight: int = 64
+    callout_fail_open: bool = False
+
+
+@dataclass(frozen=True)
+class NativeClient:
+    """A native client's CURVE public key file and the channels it may use."""
+
+    key: str
+    publish: tuple = ()
+    subscribe: tuple = ()
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """CURVE on every ZeroMQ link (``firehose_zmq.auth.curve``). Files are written
+    by ``firehose-keys``: ``NAME.key`` (public) and ``NAME.key_secret`` (both halves)."""
+
+    enabled: bool = False
+    worker_keys: tuple = ()  # (worker id, public key file): every edge reads these
+    worker_secret_keys: tuple = ()  # (worker id, secret key file): each worker reads its own
+    edge_key: str = ""  # the edges' client public key: the workers admit it
+    edge_secret_key: str = ""  # the edges' client key pair: every edge presents it
+    worker_clients: tuple = ()  # more public key files the workers admit
+    native_secret_key: str = ""  # the native endpoints' server key pair
+    native_clients: tuple = ()  # NativeClient entries: the keys the native endpoints admit
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     """The admin listener (``firehose_zmq.admin``): metrics, health, status page.
@@ -120,7 +183,9 @@ class WorkerConfig:
 _WORKER_KEYS = ("id", "router_bind", "router_connect", "pub_bind", "pub_connect")
 _WORKER_OPTIONAL = ("admin",)
 # Keys whose empty string means "off".
-_MAY_BE_EMPTY = {("admin", "bind"), ("workers", "admin")}
+_MAY_BE_EMPTY = {("admin", "bind"), ("workers", "admin"), ("auth", "jwt_key"),
+                 ("auth", "jwt_key_file"), ("auth", "jwt_audience"), ("auth", "jwt_issuer"),
+                 ("auth", "callout_url")}
 
 
 @dataclass(frozen=True)
@@ -131,6 +196,8 @@ class ClusterConfig:
     ring_vnodes: int = 160
     storage: StorageConfig = field(default_factory=StorageConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    curve: CurveConfig = field(default_factory=CurveConfig)
 
     def worker(self, worker_id: str) -> WorkerConfig:
         for worker in self.workers:
@@ -141,7 +208,8 @@ class ClusterConfig:
 
 
 # Sections whose every field has a generated variable, and their dataclasses.
-SECTIONS = {"edge": EdgeConfig, "limits": Limits, "storage": StorageConfig, "admin": AdminConfig}
+SECTIONS = {"edge": EdgeConfig, "limits": Limits, "storage": StorageConfig, "admin": AdminConfig,
+            "auth": AuthConfig}
 DEFAULT_PORT_BASE = 7474
 
 
@@ -170,7 +238,10 @@ def default_config(port_base: int = DEFAULT_PORT_BASE) -> ClusterConfig:
 
 def _check_value(where: str, key: str, value, expected: type, may_be_empty: bool = False):
     """``value`` as a value of type ``expected``; raises ConfigError naming ``where.key``."""
-    if expected is str:
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key} must be true or false")
+    elif expected is str:
         if not isinstance(value, str) or not (value or may_be_empty):
             raise ConfigError(f"{where}.{key} must be a non-empty string")
     elif expected is tuple:
@@ -220,7 +291,7 @@ def _parse_worker(i: int, table) -> WorkerConfig:
 
 def parse_config(document: dict) -> ClusterConfig:
     """Build a config from a parsed TOML document; raises ConfigError."""
-    unknown = set(document) - {"workers", "ring_vnodes", *SECTIONS}
+    unknown = set(document) - {"workers", "ring_vnodes", "curve", *SECTIONS}
     if unknown:
         raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
     raw_workers = document.get("workers")
@@ -232,7 +303,8 @@ def parse_config(document: dict) -> ClusterConfig:
     vnodes = document.get("ring_vnodes", 160)
     if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
         raise ConfigError("ring_vnodes must be a positive integer")
-    return check_config(ClusterConfig(workers, ring_vnodes=vnodes, **sections))
+    curve = parse_curve(document.get("curve", {}), [w.id for w in workers])
+    return check_config(ClusterConfig(workers, ring_vnodes=vnodes, curve=curve, **sections))
 
 
 def check_config(config: ClusterConfig) -> ClusterConfig:
@@ -258,6 +330,8 @@ def check_config(config: ClusterConfig) -> ClusterConfig:
             split_host_port(address, where)
     if config.admin.ready_backlog_ratio > 1:
         raise ConfigError("admin.ready_backlog_ratio must be at most 1")
+    check_auth(config.auth)
+    check_exposure(config)
     return config
 
 
@@ -267,6 +341,123 @@ def split_host_port(address: str, where: str = "address") -> tuple:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{where} must be host:port, not {address!r}")
     return host.strip("[]"), int(port)
+
+
+def check_auth(auth: AuthConfig) -> AuthConfig:
+    """Raise ConfigError unless ``auth`` can be used; returns it."""
+    for op in AUTH_OPS:
+        if getattr(auth, op) not in AUTH_MODES:
+            raise ConfigError(f"auth.{op} must be one of {', '.join(AUTH_MODES)}, "
+                              f"not {getattr(auth, op)!r}")
+    unknown = set(auth.callout_ops) - set(AUTH_OPS)
+    if unknown:
+        raise ConfigError(f"auth.callout_ops: unknown operations {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(AUTH_OPS)})")
+    supported = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384",
+                 "ES512", "PS256", "PS384", "PS512", "EdDSA")
+    bad = [a for a in auth.jwt_algorithms if a not in supported]
+    if bad or not auth.jwt_algorithms:
+        raise ConfigError(f"auth.jwt_algorithms must name some of {', '.join(supported)}"
+                          + (f", not {', '.join(bad)}" if bad else ""))
+    if len({a.startswith("HS") for a in auth.jwt_algorithms}) > 1:
+        raise ConfigError("auth.jwt_algorithms cannot mix HMAC (HS*) with public-key algorithms: "
+                          "one key verifies them all")
+    if auth.jwt_key and auth.jwt_key_file:
+        raise ConfigError("auth: set jwt_key or jwt_key_file, not both")
+    if auth.jwt_key and not auth.jwt_algorithms[0].startswith("HS"):
+        raise ConfigError("auth.jwt_key is a shared secret for HS* algorithms; "
+                          "put a public key in jwt_key_file")
+    has_key = bool(auth.jwt_key or auth.jwt_key_file)
+    for op in AUTH_OPS:
+        if getattr(auth, op) == "required" and not has_key and not (
+                auth.callout_url and op in auth.callout_ops):
+            raise ConfigError(f"auth.{op} is required but nothing can grant it: set jwt_key, "
+                              "jwt_key_file or callout_url")
+    if auth.callout_url and not auth.callout_url.startswith(("http://", "https://")):
+        raise ConfigError(f"auth.callout_url must be an http:// or https:// URL, "
+                          f"not {auth.callout_url!r}")
+    for key in ("token_cache_size", "callout_cache_size", "callout_max_in_flight"):
+        if getattr(auth, key) < 1:
+            raise ConfigError(f"auth.{key} must be at least 1")
+    return auth
+
+
+def _string_list(value, where: str) -> tuple:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def parse_curve(table, worker_ids) -> CurveConfig:
+    """The ``[curve]`` table; the key files are read when the sockets are made."""
+    if not isinstance(table, dict):
+        raise ConfigError("[curve] must be a table")
+    table = dict(table)
+    values = {}
+    for key in ("worker_keys", "worker_secret_keys"):
+        by_id = table.pop(key, {})
+        if not isinstance(by_id, dict) or not all(isinstance(v, str) and v
+                                                  for v in by_id.values()):
+            raise ConfigError(f"curve.{key} must be a table of worker id = \"key file\"")
+        unknown = set(by_id) - set(worker_ids)
+        if unknown:
+            raise ConfigError(f"curve.{key}: no worker {', '.join(sorted(unknown))} in the config")
+        values[key] = tuple(sorted(by_id.items()))
+    clients = []
+    for i, entry in enumerate(table.pop("native_clients", [])):
+        where = f"curve.native_clients[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not entry["key"]:
+            raise ConfigError(f"{where} needs key = \"a public key file\"")
+        extra = set(entry) - {"key", "publish", "subscribe"}
+        if extra:
+            raise ConfigError(f"{where}: unknown keys {', '.join(sorted(extra))}")
+        clients.append(NativeClient(entry["key"],
+                                    _string_list(entry.get("publish", []), f"{where}.publish"),
+                                    _string_list(entry.get("subscribe", []),
+                                                 f"{where}.subscribe")))
+    values["native_clients"] = tuple(clients)
+    values.update(_check_table(table, CurveConfig, "curve"))
+    curve = CurveConfig(**values)
+    if curve.enabled:
+        missing = sorted(set(worker_ids) - {w for w, _ in curve.worker_keys})
+        if missing:
+            raise ConfigError(f"curve.worker_keys has no key for worker {', '.join(missing)}")
+        for key in ("edge_key", "edge_secret_key", "native_secret_key"):
+            if not getattr(curve, key):
+                raise ConfigError(f"curve.{key} must name a key file when curve.enabled is true")
+    return curve
+
+
+def is_loopback(address: str) -> bool:
+    """True for a host or ZeroMQ endpoint that only this host can reach."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    host = address
+    if "://" in address:  # tcp://host:port, or tcp://source;host:port
+        host = address.split("://", 1)[1].split(";")[-1].rpartition(":")[0]
+    host = host.strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def check_exposure(config: ClusterConfig) -> None:
+    """Refuse publishing without a credential from other hosts, unless allowed.
+
+    The HTTP listener is open when ``auth.publish`` is; without CURVE the native
+    request endpoint and every worker's ROUTER take publishes from anyone who
+    reaches them, whatever ``auth.publish`` says."""
+    if config.auth.allow_open_publish:
+        return
+    exposed = []
+    if config.auth.publish == "open" and not is_loopback(config.edge.host):
+        exposed.append(f"edge.host {config.edge.host}")
+    if not config.curve.enabled:
+        binds = [("edge.native_router_bind", config.edge.native_router_bind)]
+        binds += [(f"worker {w.id} router_bind", w.router_bind) for w in config.workers]
+        exposed += [f"{name} {bind}" for name, bind in binds if not is_loopback(bind)]
+    if exposed:
+        raise ConfigError(f"publishing needs no credential on {', '.join(exposed)}: set "
+                          "auth.publish = \"required\" and curve.enabled = true, bind to "
+                          "loopback, or set auth.allow_open_publish = true")
 
 
 def check_storage(storage: StorageConfig) -> StorageConfig:
@@ -317,6 +508,11 @@ def _from_text(variable: str, text: str, expected: type):
         raise ConfigError(f"{variable} must be {what}, not {text!r}") from None
     if expected is tuple:
         return [part.strip() for part in text.split(",") if part.strip()]
+    if expected is bool:
+        flag = text.strip().lower()
+        if flag not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{variable} must be true or false, not {text!r}")
+        return flag in ("true", "1", "yes")
     return text
 
 

@@ -83,11 +83,12 @@ class Process:
 
 class Cluster:
     """Workers and one edge on free ports; ``url(path)`` addresses the edge, and
-    ``native_pub`` / ``native_router`` are its native ZeroMQ endpoints."""
+    ``native_pub`` / ``native_router`` are its native ZeroMQ endpoints; ``tables`` is
+    more TOML (an [auth] or [curve] table) for the config file."""
 
     def __init__(self, tmp_path, worker_ids=("w1", "w2"), long_poll_timeout_s: float = 3.0,
                  extra_config: str = "", durability: str = "sync", storage_config: str = "",
-                 edge_args=()):
+                 edge_args=(), tables: str = ""):
         self.edge_args = list(edge_args)
         self.tmp_path = Path(tmp_path)
         self.worker_ids = list(worker_ids)
@@ -114,7 +115,7 @@ class Cluster:
                   f'native_pub_bind = "{self.native_pub}"',
                   f'native_router_bind = "{self.native_router}"', extra_config, "",
                   "[storage]", f'durability = "{durability}"', f'data_dir = "{self.data_dir}"',
-                  storage_config, "", "[admin]", f'bind = "{self.admin}"']
+                  storage_config, "", "[admin]", f'bind = "{self.admin}"', "", tables]
         self.config_path = self.tmp_path / "cluster.toml"
         self.config_path.write_text("\n".join(lines) + "\n")
         self.workers: dict = {}

@@ -33,6 +33,7 @@ def test_example_config_loads():
     """The annotated example in conf/ is a valid config."""
     config = load_config(EXAMPLE, environ={})
     assert len(config.workers) >= 2
+    assert config.curve.enabled and config.auth.publish == "required"
 
 
 @pytest.mark.parametrize("text, message", [

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("name", ["firehose-edge", "firehose-worker", "firehose-cluster",
-                                  "firehose-ctl"])
+                                  "firehose-ctl", "firehose-keys"])
 def test_launcher_shows_help(name):
     result = subprocess.run([sys.executable, str(ROOT / "bin" / name), "--help"],
                             capture_output=True, text=True, timeout=30, cwd="/")

@@ -36,6 +36,7 @@ import uuid
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from ..auth import curve
 from ..wire import frames
 from ..ring import Ring
 from ..zmqraw import NOBLOCK, readable, recv_frames, send
@@ -169,6 +170,7 @@ class Backend:
         self._sweep = None
         self._send_scheduled = False
         self.rejected_frames = 0
+        self._handshakes = curve.HandshakeWatch(log)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -183,7 +185,8 @@ class Backend:
             dealer.setsockopt(zmq.RECONNECT_IVL, 100)
             dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
             link.monitor = dealer.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_FAILED)
+            curve.secure_client(dealer, self.config, link.id)
             dealer.connect(link.config.router_connect)
             link.dealer = dealer
             link.reader = SocketReader(self._loop, dealer,
@@ -196,6 +199,7 @@ class Backend:
         self._sub.setsockopt(zmq.RECONNECT_IVL, 100)
         self._sub.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         for link in self._links.values():
+            curve.secure_client(self._sub, self.config, link.id)
             self._sub.connect(link.config.pub_connect)
         self._sub_reader = SocketReader(self._loop, self._sub, self._on_pub)
         self._heartbeat = self._loop.call_later(self._interval_s, self._beat)
@@ -382,8 +386,11 @@ class Backend:
         self._on_worker_change(link.id, alive)
 
     def _on_monitor(self, link, parts) -> None:
-        event = parse_monitor_message(parts)["event"]
-        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        parsed = parse_monitor_message(parts)
+        event = parsed["event"]
+        if event & curve.HANDSHAKE_FAILED:
+            self._handshakes.failed(link.id, parsed)
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             link.connected = True
             link.last_reply = time.monotonic()
             self._ping(link)

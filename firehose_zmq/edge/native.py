@@ -33,6 +33,7 @@ import logging
 
 import zmq
 
+from ..auth import curve
 from ..wire import frames
 from .backend import BackendError, RequestRejected, SocketReader
 from ..wire.names import InvalidName, check_channel
@@ -84,11 +85,13 @@ class NativeEndpoints:
             self._xpub = self._socket(zmq.XPUB)
             self._xpub.setsockopt(zmq.SNDHWM, edge.native_send_hwm)
             self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+            curve.secure_server(self._xpub, self.config, curve.NATIVE)
             self._xpub.bind(edge.native_pub_bind)
             self._router = self._socket(zmq.ROUTER)
             self._router.setsockopt(zmq.RCVHWM, 10000)
             self._router.setsockopt(zmq.SNDHWM, 10000)
             self._router.setsockopt(zmq.MAXMSGSIZE, _MAXMSGSIZE_FACTOR * self._max_bytes)
+            curve.secure_server(self._router, self.config, curve.NATIVE)
             self._router.bind(edge.native_router_bind)
         except zmq.ZMQError as exc:
             self.close()
@@ -98,6 +101,7 @@ class NativeEndpoints:
         self._xsub.setsockopt(zmq.RECONNECT_IVL, 100)
         self._xsub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         for worker in self.config.workers:
+            curve.secure_client(self._xsub, self.config, worker.id)
             self._xsub.connect(worker.pub_connect)
         self._xpub_reader = SocketReader(loop, self._xpub, self._on_subscription)
         self._xsub_reader = SocketReader(loop, self._xsub, self._on_worker_message)

@@ -40,6 +40,7 @@ import time
 
 import zmq
 
+from ..auth import curve
 from ..wire import frames
 from .channel import ChannelTable, PublishIds
 from .. import cli
@@ -164,11 +165,13 @@ class Worker:
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.RCVHWM, 100000)
         self._router.setsockopt(zmq.SNDHWM, 100000)
+        curve.secure_server(self._router, self.config, self.me.id)
         self._router.bind(self.me.router_bind)
         self._xpub = self._context.socket(zmq.XPUB)
         self._xpub.setsockopt(zmq.LINGER, 0)
         self._xpub.setsockopt(zmq.SNDHWM, 100000)
         self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, for the cache
+        curve.secure_server(self._xpub, self.config, self.me.id)
         self._xpub.bind(self.me.pub_bind)
 
     def log_ready(self) -> None:
@@ -513,7 +516,7 @@ def main(argv=None) -> int:
         worker.bind()
         worker.open_store()
         admin.start()
-    except (zmq.ZMQError, OSError) as exc:
+    except (zmq.ZMQError, OSError, ConfigError) as exc:
         log.error("worker %s cannot bind: %s", args.id, exc)
         worker.close()
         return 1

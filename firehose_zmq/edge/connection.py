@@ -265,7 +265,7 @@ class Connection(asyncio.Protocol):
     __slots__ = ("_server", "_edge", "_rules", "_address", "_transport", "_buf", "_busy",
                  "_serving", "_poll", "_extra", "_close_after", "_eof", "_writing_paused",
                  "_reading_paused", "_body", "_skip", "_last_active", "_reading_since",
-                 "_stream", "_adopted", "_head", "_last_data")
+                 "_stream", "_adopted", "_head", "_last_data", "_adopted_body")
 
     def __init__(self, server: EdgeHTTPServer, address):
         self._server = server
@@ -290,6 +290,7 @@ class Connection(asyncio.Protocol):
         self._adopted = False       # on a StreamTransport (its request came from Tornado)
         self._head = None           # the head of the request in flight, when parsed
         self._last_data = 0.0       # when the last bytes arrived (a stalled body)
+        self._adopted_body = b""    # the body Tornado read, while the callout is asked
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -442,7 +443,8 @@ class Connection(asyncio.Protocol):
                 exc.close = True
             return self._refuse(exc, extra)
         self._extra = extra
-        if len(raw) <= _KNOWN_HEAD_BYTES and _cacheable(action, head):
+        if len(raw) <= _KNOWN_HEAD_BYTES and not rules.checks_credentials \
+                and _cacheable(action, head):
             remembered = self._server.known_heads
             if len(remembered) >= _KNOWN_HEADS:
                 remembered.clear()
@@ -462,6 +464,11 @@ class Connection(asyncio.Protocol):
 
     def _run(self, action, head) -> bool:
         kind = type(action)
+        if kind is http.Authorize:
+            self._busy = True
+            task = asyncio.ensure_future(self._edge.ask_callout(action.asks))
+            task.add_done_callback(lambda done: self._authorized(done, action.action, head))
+            return True
         if kind is http.Poll:
             if head is not None and self._skip_body(head):
                 self._close_after = True
@@ -487,6 +494,21 @@ class Connection(asyncio.Protocol):
         self._execute(action, head)
         return True
 
+    def _authorized(self, done, action, head) -> None:
+        """The callout answered for ``action``: run it, or refuse it."""
+        if self._transport is None:
+            return
+        self._busy = False
+        exc = done.exception()
+        if exc is not None:
+            self._refuse(self._edge.auth_refusal(exc, action), self._extra)
+        elif self._adopted:
+            self._body_or_execute(action, head, self._adopted_body)
+        else:
+            self._run(action, head)
+        if not self._busy and self._buf:
+            self._serve()
+
     def serve_decided(self, head, action, body) -> None:
         """Answer a request Tornado has read (the slow path): ``action`` is the rules'
         decision (or the HttpError they raised), ``body`` the request body."""
@@ -496,7 +518,14 @@ class Connection(asyncio.Protocol):
         self._close_after = head is None or not head.keep_alive
         if isinstance(action, HttpError):
             self._refuse(action, self._extra)
-        elif type(action) is http.Publish or type(action) is http.ReadBody:
+        elif type(action) is http.Authorize:
+            self._adopted_body = body
+            self._run(action, head)
+        else:
+            self._body_or_execute(action, head, body)
+
+    def _body_or_execute(self, action, head, body) -> None:
+        if type(action) is http.Publish or type(action) is http.ReadBody:
             self._body_complete(action, head, body)
         else:
             self._execute(action, head)
@@ -534,7 +563,10 @@ class Connection(asyncio.Protocol):
             except HttpError as exc:
                 self._refuse(exc, self._extra)
                 return
-            self._execute(action, head)
+            if type(action) is http.Authorize:
+                self._run(action, head)
+            else:
+                self._execute(action, head)
             return
         self._busy = True
         self._edge.publish(action.channel, body, action.options).add_done_callback(
@@ -563,7 +595,7 @@ class Connection(asyncio.Protocol):
             self._become_stream()
             self._transport.write(http.upgrade_answer(action.accept))
             self._stream = WebSocket(self, edge, action.channel, action.subscriptions,
-                                     action.url_params)
+                                     action.url_params, action.credential)
             if self._buf:
                 early, self._buf = bytes(self._buf), bytearray()
                 self._stream.feed(early)
@@ -683,7 +715,8 @@ class Connection(asyncio.Protocol):
 
 def _cacheable(action, head) -> bool:
     """Whether the decision for this head holds for every identical head: a
-    single-channel long-poll or a publish with a length, without a body to skip."""
+    single-channel long-poll or a publish with a length, without a body to skip
+    (never a decision that checked a credential: tokens expire)."""
     kind = type(action)
     if kind is http.Poll:
         return not action.multiplexed and not head.get("content-length") \

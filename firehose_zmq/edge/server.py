@@ -18,6 +18,7 @@ import tornado.netutil
 
 from .. import cli
 from ..admin import EdgeAdmin
+from ..auth.tokens import AuthError, Authorizer
 from ..metrics import TimeSeries
 from ..wire import http
 from .backend import Backend, BackendError, RequestRejected
@@ -39,7 +40,8 @@ class Edge:
         self.reuse_port = reuse_port
         self.fast_path = fast_path
         self.limits = config.limits
-        self.rules = http.Rules(config.limits, config.edge)
+        self.authorizer = Authorizer.from_config(config.auth)
+        self.rules = http.Rules(config.limits, config.edge, self.authorizer)
         self.metrics = TimeSeries(config.edge.metrics_bucket_s, config.edge.metrics_buckets)
         self.backend = Backend(config, self._on_message, context=context,
                                on_worker_change=self._on_worker_change)
@@ -104,6 +106,7 @@ class Edge:
                 log.warning("some connections did not close within 2 s")
                 self.server.abort_fast_connections()
         self.timeouts.close()
+        self.authorizer.close()
         self.fanout.close()
         if self.native is not None:
             self.native.close()
@@ -124,6 +127,21 @@ class Edge:
                 self.metrics.incr(time.time(), "published", channel)
         reply.add_done_callback(count)
         return reply
+
+    async def ask_callout(self, asks) -> None:
+        """Ask the authorization callout each ``(operation, channel, credential)``;
+        raises ``AuthError`` at the first refusal."""
+        for op, channel, credential in asks:
+            await self.authorizer.callout(op, channel, credential)
+
+    @staticmethod
+    def auth_refusal(exc, action) -> http.HttpError:
+        """The answer to a callout's refusal of ``action``."""
+        if not isinstance(exc, AuthError):
+            log.error("the authorization callout failed", exc_info=exc)
+            return http.HttpError(503, "Service unavailable: the authorization check failed")
+        publishing = type(action) in (http.Publish, http.Delete)
+        return http.auth_refusal(exc, subscriber=not publishing)
 
     def delete(self, channel: str) -> asyncio.Future:
         """Delete a channel's state at its owner."""

@@ -272,10 +272,12 @@ class WebSocket(_Session):
 
     kind = "websocket_opened"
 
-    def __init__(self, conn, edge, channel, subscriptions=(), url_params=None):
+    def __init__(self, conn, edge, channel, subscriptions=(), url_params=None,
+                 credential=None):
         super().__init__(conn, edge, channel is None)
         config = edge.config.edge
         self.channel = channel
+        self.credential = credential  # from the upgrade request: checks subscribe frames
         self.url_params = url_params or {}
         self._max_depth = config.max_json_depth
         self._reader = websocket.FrameReader(config.ws_max_frame_bytes)
@@ -374,9 +376,29 @@ class WebSocket(_Session):
             self.count_bad_frame(reason)
             self.send(events.subscription_failed_frame(reason))
             return
+        if self.multiplexed and self.edge.rules.checks_credentials:
+            fresh = await self._allowed(fresh)
         waits = self.subscribe(fresh)
         if waits:
             await asyncio.gather(*waits)
+
+    async def _allowed(self, subscriptions) -> list:
+        """The subscriptions this socket's credential grants; each other one is
+        answered with a "Subscription failed" frame."""
+        allowed = []
+        for sub in subscriptions:
+            try:
+                asks = self.edge.rules.authorize("subscribe", sub.channel, self.credential)
+                if asks:
+                    await self.edge.ask_callout(asks)
+            except Exception as exc:  # HttpError, or the callout's AuthError
+                reason = getattr(exc, "reason", None)
+                if reason is None:
+                    raise
+                self.send(events.subscription_failed_frame(reason, sub.channel))
+                continue
+            allowed.append(sub)
+        return allowed
 
     # -- frames out --------------------------------------------------------------
 

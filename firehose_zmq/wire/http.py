@@ -30,6 +30,7 @@ action             the connection ...
 ``Metrics``        answers the JSON time buckets
 ``ReadBody``       reads the body (at most ``limit`` bytes), asks ``decide_body``
 ``Answer``         answers at once (a CORS preflight)
+``Authorize``      asks the authorization callout, then runs its ``action``
 =================  ==========================================================
 
 Answers are bytes built here (``Reply.render`` and the helpers around it):
@@ -44,6 +45,7 @@ import re
 from typing import NamedTuple, Optional
 from urllib.parse import unquote_plus
 
+from ..auth.tokens import AuthError
 from . import names, websocket
 
 MAX_SEQUENCE = 2**63 - 1
@@ -481,6 +483,14 @@ class Upgrade(NamedTuple):
     subscriptions: list      # subscribed at once (``?subscribe=`` of a multiplexed socket)
     url_params: dict
     accept: bytes            # the Sec-WebSocket-Accept value
+    credential: Optional[str] = None  # what later subscribe frames are checked with
+
+
+class Authorize(NamedTuple):
+    """``action`` once the authorization callout consents to each of ``asks``
+    (``(operation, channel, credential)``)."""
+    action: tuple
+    asks: list
 
 
 class Metrics(NamedTuple):
@@ -497,6 +507,8 @@ class Answer(NamedTuple):
 
 
 _SEQUENCE_PARAM = "last_message_sequence"
+_PUBLISH = "publish"      # the operations of auth.tokens
+_SUBSCRIBE = "subscribe"
 # A body up to this many times the message limit is read and dropped before its 413.
 DISCARD_LIMIT_FACTOR = 4
 _METHODS = ("GET", "PUT", "POST", "DELETE", "HEAD", "OPTIONS")
@@ -507,8 +519,11 @@ class Rules:
     """The decisions and answers of one edge's configuration (``limits``: the
     cluster's ``Limits``; ``edge``: its ``EdgeConfig``)."""
 
-    def __init__(self, limits, edge):
+    def __init__(self, limits, edge, authorizer=None):
         self.limits = limits
+        self.authorizer = authorizer  # auth.tokens.Authorizer: credentials, when required
+        self.checks_credentials = authorizer is not None and any(
+            authorizer.required(op) for op in (_PUBLISH, _SUBSCRIBE))
         self.max_head_bytes = edge.max_head_bytes
         self.max_channels = edge.stream_max_channels
         self.max_json_depth = edge.max_json_depth
@@ -550,6 +565,58 @@ class Rules:
 
     def decide(self, head: Head):
         """What ``head`` asks for: an action (see the module docstring); raises HttpError."""
+        action = self._decide(head)
+        if self.checks_credentials:
+            return self._authorized(head, action)
+        return action
+
+    # -- credentials -----------------------------------------------------------------
+
+    def credential(self, head: Head):
+        """The credential ``head`` carries (header, cookie or query parameter), or None."""
+        params = None
+
+        def query(name):
+            nonlocal params
+            if params is None:
+                params = self._query(head) if head.query else {}
+            return params.get(name)
+        return self.authorizer.credential_from(lambda name: head.get(name.lower()), query)
+
+    def authorize(self, op: str, channel: str, credential) -> list:
+        """Check ``credential`` for ``op`` on ``channel``: raises HttpError (401/403/503);
+        returns the callout questions still to ask ([] when none)."""
+        authorizer = self.authorizer
+        if authorizer is None or not authorizer.required(op):
+            return []
+        try:
+            authorizer.check(op, channel, credential)
+            if authorizer.callout_pending(op, channel, credential):
+                return [(op, channel, credential)]
+        except AuthError as exc:
+            raise auth_refusal(exc, subscriber=op == _SUBSCRIBE) from None
+        return []
+
+    def _authorized(self, head: Head, action):
+        kind = type(action)
+        if kind is Publish or kind is Delete:
+            checks = [(_PUBLISH, action.channel)]
+        elif kind is Poll or kind is Stream:
+            checks = [(_SUBSCRIBE, sub.channel) for sub in action.subscriptions]
+        elif kind is Upgrade:
+            channels = [action.channel] if action.channel is not None else []
+            checks = [(_SUBSCRIBE, channel) for channel in channels] + \
+                [(_SUBSCRIBE, sub.channel) for sub in action.subscriptions]
+            action = action._replace(credential=self.credential(head))
+        else:
+            return action  # health, metrics, preflight; a POST body is checked in decide_body
+        credential = self.credential(head)
+        asks = []
+        for op, channel in checks:
+            asks += self.authorize(op, channel, credential)
+        return Authorize(action, asks) if asks else action
+
+    def _decide(self, head: Head):
         method, path = head.method, head.path
         length = head.get("content-length")
         if length is not None:
@@ -606,6 +673,13 @@ class Rules:
                 params[_unquote(name)] = _unquote(value)
         return params
 
+    def _subscription_params(self, head: Head) -> dict:
+        """The query's parameters less the credential's."""
+        params = self._query(head)
+        if self.authorizer is not None:
+            params.pop(self.authorizer.config.query_param, None)
+        return params
+
     def _decide_get(self, head: Head, path: str):
         try:
             channel = channel_from_path(path)
@@ -619,7 +693,7 @@ class Rules:
               and query[22:].isdigit() and query[22:].isascii() and len(query) < 40):
             seq, params = int(query[22:]), {}  # the re-poll of every caught-up client
         else:
-            params = self._query(head)
+            params = self._subscription_params(head)
             seq = parse_sequence(params.pop(_SEQUENCE_PARAM, None))
         upgrade = self._websocket(head)
         if upgrade:
@@ -681,9 +755,16 @@ class Rules:
                            for sub in subscriptions], True)
         return Poll(subscriptions, True)
 
-    def decide_body(self, head: Head, body: bytes) -> Poll:
+    def decide_body(self, head: Head, body: bytes):
         """The long-poll a POST to ``/channels@firehose`` asks for, from its body."""
-        return Poll(parse_subscribe_body(body, self.max_channels, self.max_json_depth), True)
+        action = Poll(parse_subscribe_body(body, self.max_channels, self.max_json_depth), True)
+        return self._authorized(head, action) if self.checks_credentials else action
+
+
+def auth_refusal(exc, subscriber: bool) -> HttpError:
+    """The HTTP answer to an ``auth.tokens.AuthError``."""
+    headers = tuple(exc.headers().items())
+    return HttpError(exc.status, exc.reason, headers, subscriber=subscriber)
 
 
 def _unquote(text: str) -> str:

@@ -265,7 +265,7 @@ class Connection(asyncio.Protocol):
     __slots__ = ("_server", "_edge", "_rules", "_address", "_transport", "_buf", "_busy",
                  "_serving", "_poll", "_extra", "_close_after", "_eof", "_writing_paused",
                  "_reading_paused", "_body", "_skip", "_last_active", "_reading_since",
-                 "_stream", "_adopted", "_head", "_last_data", "_adopted_body")
+                 "_stream", "_adopted", "_last_data", "_adopted_body")
 
     def __init__(self, server: EdgeHTTPServer, address):
         self._server = server
@@ -288,7 +288,6 @@ class Connection(asyncio.Protocol):
         self._reading_since = None  # when the request being read started (head timeout)
         self._stream = None         # the event stream or WebSocket this connection became
         self._adopted = False       # on a StreamTransport (its request came from Tornado)
-        self._head = None           # the head of the request in flight, when parsed
         self._last_data = 0.0       # when the last bytes arrived (a stalled body)
         self._adopted_body = b""    # the body Tornado read, while the callout is asked
 
@@ -426,7 +425,6 @@ class Connection(asyncio.Protocol):
         if known is not None:
             self._reading_since = None
             action, self._extra, self._close_after = known
-            self._head = None
             return self._run(action, None)
         rules = self._rules
         try:
@@ -434,7 +432,6 @@ class Connection(asyncio.Protocol):
         except HttpError as exc:
             return self._refuse(exc, b"")
         extra = rules.extra_headers(head)
-        self._head = head
         self._close_after = not head.keep_alive
         try:
             action = rules.decide(head)
@@ -513,7 +510,6 @@ class Connection(asyncio.Protocol):
         """Answer a request Tornado has read (the slow path): ``action`` is the rules'
         decision (or the HttpError they raised), ``body`` the request body."""
         self._adopted = True
-        self._head = head
         self._extra = self._rules.extra_headers(head) if head is not None else b""
         self._close_after = head is None or not head.keep_alive
         if isinstance(action, HttpError):

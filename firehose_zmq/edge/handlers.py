@@ -77,9 +77,6 @@ class RequestHandler(tornado.web.RequestHandler):
     get = head = post = delete = patch = put = options = _serve
     _METHODS = ("get", "head", "post", "delete", "patch", "put", "options")
 
-    def on_connection_close(self):
-        self.decided = None
-
 
 def make_app(server) -> tornado.web.Application:
     return tornado.web.Application([(r".*", RequestHandler, {"server": server})],

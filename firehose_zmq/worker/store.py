@@ -317,6 +317,13 @@ class Store:
         return {table: self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                 for table in ("channels", "messages", "publish_ids")}
 
+    def used_bytes(self) -> int:
+        """Bytes of the file's pages in use (free pages are reused, not counted)."""
+        db = self._db
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        return (pages - free) * db.execute("PRAGMA page_size").fetchone()[0]
+
     def close(self, clean: bool) -> None:
         """Close the file; ``clean`` records that everything acknowledged is in it."""
         try:
@@ -354,6 +361,7 @@ class StoreWriter:
         self.unflushed_ops = 0
         self.failed = False
         self.commits = 0
+        self.used_bytes = store.used_bytes()  # after the last commit (read by the loop)
 
     def start(self) -> None:
         self._thread.start()
@@ -449,6 +457,7 @@ class StoreWriter:
                 started = time.monotonic()
                 store.apply(ops for _, ops in batches)
                 self.commits += 1
+                self.used_bytes = store.used_bytes()
                 notify.send(batches[-1][0].to_bytes(8, "big"))
                 log.debug("committed %d batch(es) in %.1f ms", len(batches),
                           1000 * (time.monotonic() - started))

@@ -263,6 +263,9 @@ def decode_reply(frame: bytes, max_bytes: int) -> dict:
     reply = _unpack(frame, max_bytes)
     if not isinstance(reply, dict) or "id" not in reply or not _is_bool(reply.get("ok")):
         raise ProtocolError("reply must be a map with 'id' and boolean 'ok'")
+    request_id = reply["id"]
+    if not (request_id is None or _is_int(request_id) or isinstance(request_id, (str, bytes))):
+        raise ProtocolError("'id' must be an integer, string, bytes or nil")
     if reply.get("v") != VERSION:
         raise ProtocolError(f"unsupported protocol version {reply.get('v')!r}", UNSUPPORTED_VERSION)
     if reply["ok"]:

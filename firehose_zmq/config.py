@@ -31,6 +31,17 @@ class Limits:
     default_buffer_size: int = 100
     max_buffer_size: int = 10000
     default_ttl_s: int = 86400
+    # Per worker (README, "Limits"): past these a publish that would grow the
+    # worker is refused with error "quota" (HTTP 507).
+    max_channels_per_worker: int = 1_000_000
+    max_buffered_bytes_per_worker: int = 1024 * 1024 * 1024  # data + ~100 bytes per message
+    max_store_bytes_per_worker: int = 4 * 1024 * 1024 * 1024  # SQLite pages in use
+    # A subscription makes the worker re-send the channel's newest message at most
+    # once per channel per interval (later ones within it get one re-send at its end).
+    resend_newest_interval_ms: int = 1000
+    # Messages a worker's XPUB queues per subscriber (an edge, a native client)
+    # before it drops for that subscriber.
+    worker_send_hwm: int = 10000
 
 
 @dataclass(frozen=True)

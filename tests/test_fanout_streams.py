@@ -11,6 +11,11 @@ class FakeBackend:
 
     def __init__(self):
         self.fetches: list = []
+        self.requests: list = []  # (channel, fields) of every fetch
+        self.stream_watchers: list = []
+
+    def owner(self, channel):
+        return "w1"
 
     def subscribe(self, channel):
         pass
@@ -21,6 +26,7 @@ class FakeBackend:
     def request(self, channel, op, **fields):
         future = asyncio.get_running_loop().create_future()
         self.fetches.append(future)
+        self.requests.append((channel, fields))
         return future
 
 

@@ -4,6 +4,7 @@ Links (all connect; the workers bind)::
 
     DEALER  -> worker ROUTER (one per worker)    [request]  ->   <- [reply]
     SUB     <- every worker's XPUB               [channel + b"\\x00", message]
+                                                 -> [0x01 + topic] / [0x00 + topic]
 
 Each request carries an id and has a deadline; a reply that comes late is
 dropped. A worker is *up* while its DEALER has a completed connection (socket
@@ -21,6 +22,19 @@ worker answers a retry of a publish it already stored with the first result,
 and refuses a publish whose deadline has passed, so a 202 always means stored
 and a 503 almost always means not stored (only a reply lost in the last
 ``_DEADLINE_MARGIN_S`` before the deadline can leave a 503 for a stored message).
+
+Subscriptions are never dropped on the way: the SUB's send high-water mark is
+unlimited (libzmq drops a subscription past it without a word, and re-sends
+every subscription at once when it reconnects; what it holds is one topic per
+channel with local listeners). The edge does not trust that a re-sent
+subscription arrived either: a socket monitor tells when the SUB's link to a
+worker drops and comes back, and ``stream_watchers`` hear it (the fan-out then
+stops trusting that link and, once it is back and the worker answers, fetches
+what its listeners missed).
+
+Every socket that reads from a worker refuses frames over the message limit
+(``ZMQ_MAXMSGSIZE``, ``frames.frame_limit``): ZeroMQ drops such a connection
+before reading the frame.
 
 The sockets are plain (non-async) pyzmq sockets read from the asyncio loop:
 their FD is edge-triggered, so every reader drains until EAGAIN and is drained
@@ -126,6 +140,7 @@ class WorkerLink:
         self.last_reply = 0.0
         self.alive = False
         self.ping_in_flight = False
+        self.sub_connected = False  # the SUB's link to this worker's XPUB is up
         self.pending: dict = {}  # request id -> Pending
         self.outgoing: list = []  # (request id, body) to send at the end of this loop turn
 
@@ -171,6 +186,12 @@ class Backend:
         self._send_scheduled = False
         self.rejected_frames = 0
         self._handshakes = curve.HandshakeWatch(log)
+        self._sub_monitor = None
+        self._sub_monitor_reader = None
+        self._sub_links = {}  # pub_connect endpoint (bytes) -> WorkerLink
+        # Called with (worker_id, ready): ready when the SUB is connected to the
+        # worker and the worker answers; not ready when the SUB's link drops.
+        self.stream_watchers: list = []
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -182,6 +203,7 @@ class Backend:
             dealer.setsockopt(zmq.IMMEDIATE, 1)
             dealer.setsockopt(zmq.SNDHWM, 100000)
             dealer.setsockopt(zmq.RCVHWM, 100000)
+            dealer.setsockopt(zmq.MAXMSGSIZE, frames.frame_limit(self._max_bytes))
             dealer.setsockopt(zmq.RECONNECT_IVL, 100)
             dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
             link.monitor = dealer.get_monitor_socket(
@@ -196,10 +218,19 @@ class Backend:
         self._sub = self._context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 200000)
+        # The SUB only sends subscriptions, one per channel with listeners here;
+        # past a send HWM libzmq would drop them silently.
+        self._sub.setsockopt(zmq.SNDHWM, 0)
+        self._sub.setsockopt(zmq.MAXMSGSIZE, frames.frame_limit(self._max_bytes))
         self._sub.setsockopt(zmq.RECONNECT_IVL, 100)
         self._sub.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        self._sub_monitor = self._sub.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._sub_monitor_reader = SocketReader(self._loop, self._sub_monitor,
+                                                self._on_sub_monitor)
         for link in self._links.values():
             curve.secure_client(self._sub, self.config, link.id)
+            self._sub_links[link.config.pub_connect.encode()] = link
             self._sub.connect(link.config.pub_connect)
         self._sub_reader = SocketReader(self._loop, self._sub, self._on_pub)
         self._heartbeat = self._loop.call_later(self._interval_s, self._beat)
@@ -217,6 +248,9 @@ class Backend:
                     reader.close()
                 if sock is not None:
                     sock.close(linger=0)
+        if self._sub_monitor_reader is not None:
+            self._sub_monitor_reader.close()
+            self._sub_monitor.close(linger=0)
         if self._sub_reader is not None:
             self._sub_reader.close()
             self._sub.close(linger=0)
@@ -384,6 +418,31 @@ class Backend:
             self._fail_pending(link, f"worker {link.id} is unavailable ({why})",
                                keep_retryable=True)
         self._on_worker_change(link.id, alive)
+        if alive and link.sub_connected:
+            self._stream_changed(link, True)
+
+    def _on_sub_monitor(self, parts) -> None:
+        message = parse_monitor_message(parts)
+        link = self._sub_links.get(message["endpoint"])
+        if link is None:
+            return
+        event = message["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            log.info("message stream from worker %s connected", link.id)
+            link.sub_connected = True
+            if link.alive:
+                self._stream_changed(link, True)
+        elif event == zmq.EVENT_DISCONNECTED and link.sub_connected:
+            log.warning("message stream from worker %s lost", link.id)
+            link.sub_connected = False
+            self._stream_changed(link, False)
+
+    def _stream_changed(self, link, ready: bool) -> None:
+        for watcher in self.stream_watchers:
+            try:
+                watcher(link.id, ready)
+            except Exception:
+                log.exception("a message stream watcher failed")
 
     def _on_monitor(self, link, parts) -> None:
         parsed = parse_monitor_message(parts)

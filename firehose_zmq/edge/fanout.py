@@ -36,6 +36,17 @@ client to reconnect. New listeners fail at once while it is down; when it is
 back, the SUB socket has re-sent its subscriptions by itself and clients resume
 from their sequences.
 
+Re-sync: the edge does not trust that its subscriptions reached a worker after
+the SUB's link to it dropped (a restart, a network cut that left the request
+link up). While the link is down, the worker's feeds are not *synced*; once it
+is back and the worker answers (``stream_changed``), every feed of that worker
+with listeners fetches what follows its listeners' lowest floor, at most
+``RESYNC_IN_FLIGHT`` fetches at a time, and each listener gets what it missed,
+in order (or fetches further itself after a gap or a new epoch). A message
+published after that fetch is answered but before the re-sent subscription
+lands reaches the edge through the worker's re-send of the newest message when
+the subscription lands.
+
 Each message is encoded for the JSON transports once (``Item.json``) and the
 same bytes go to every listener.
 """
@@ -51,6 +62,7 @@ from .backend import BackendError, OwnerDown
 log = logging.getLogger("firehose.fanout")
 
 RECENT_SIZE = 64
+RESYNC_IN_FLIGHT = 256  # re-sync fetches in flight at once, per edge
 
 
 class Item:
@@ -146,6 +158,10 @@ class Fanout:
         self._linger_s = linger_s
         self._feeds: dict = {}
         self._sweeper = None
+        self._resync_queue: deque = deque()  # channel names waiting for a re-sync fetch
+        self._resync_in_flight = 0
+        self.resyncs = 0  # re-sync fetches answered
+        backend.stream_watchers.append(self.stream_changed)
 
     def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
@@ -293,6 +309,64 @@ class Fanout:
                 self.remove(listener)
                 listener.on_error(listener, OwnerDown(
                     f"worker {worker_id}, the owner of {listener.channel}, is unavailable"))
+
+    def stream_changed(self, worker_id: str, ready: bool) -> None:
+        """The SUB's link to ``worker_id`` dropped (not ``ready``), or is back and the
+        worker answers (``ready``): see "Re-sync" in the module docstring."""
+        if not ready:
+            self.owner_lost(worker_id)
+            return
+        owner = self._backend.owner
+        queued = [channel for channel, feed in self._feeds.items()
+                  if feed.listeners and owner(channel) == worker_id]
+        if queued:
+            log.info("re-syncing %d channels of worker %s", len(queued), worker_id)
+        self._resync_queue.extend(queued)
+        self._resync_next()
+
+    def _resync_next(self) -> None:
+        queue = self._resync_queue
+        while queue and self._resync_in_flight < RESYNC_IN_FLIGHT:
+            channel = queue.popleft()
+            feed = self._feeds.get(channel)
+            if feed is None:
+                continue
+            floors = [listener.floor for listener in feed.listeners
+                      if not (listener.fetching or listener.closed)]
+            if not floors:
+                continue  # every listener is fetching already (or gone)
+            self._resync_in_flight += 1
+            future = self._backend.request(channel, "fetch", since=min(floors), after=True)
+            future.add_done_callback(lambda f, feed=feed: self._resynced(feed, f))
+
+    def _resynced(self, feed: Feed, future) -> None:
+        self._resync_in_flight -= 1
+        try:
+            exc = future.exception()
+            if exc is not None:
+                # The worker went down again: its listeners hear OwnerDown.
+                if not isinstance(exc, BackendError):
+                    log.error("re-sync fetch for %r failed", feed.channel, exc_info=exc)
+                return
+            self.resyncs += 1
+            reply = future.result()
+            epoch, seq = reply["epoch"], reply["seq"]
+            messages = [LiveMessage(s, epoch, Item(s, data)) for s, data in reply["messages"]]
+            for listener in list(feed.listeners):
+                if listener.fetching or listener.closed:
+                    continue
+                if listener.epoch != epoch:
+                    # Started over meanwhile: the listener's own fetch handles epochs.
+                    self._fetch(listener, since=listener.floor, after=True)
+                    continue
+                for message in messages:
+                    self._offer(listener, message)
+                    if listener.closed or listener.fetching:
+                        break
+                if not (listener.closed or listener.fetching) and listener.floor < seq:
+                    self._fetch(listener, since=listener.floor, after=True)
+        finally:
+            self._resync_next()
 
     # -- messages --------------------------------------------------------------
 

@@ -16,11 +16,27 @@ HTTP fan-out and the native subscribers never share subscriptions)::
       (a REQ adds an empty delimiter: [identity, b"", request])
 
 ``topic`` is ``channel + b"\\x00"``; ``message`` and the request/reply bodies
-are the msgpack maps of ``protocol``. The XPUB is verbose: every subscription
-travels to the owning worker, whose last-value cache then re-sends the
-channel's newest message, so a new native subscriber cannot miss a message
-published while its subscription was on its way (existing subscribers of that
-channel see that message again; sequences tell them it is a duplicate).
+are the msgpack maps of ``wire.frames``. The XPUB is manual
+(``ZMQ_XPUB_MANUAL``): every subscription comes to the edge, which applies it
+only when ``frames.decode_subscription`` accepts it (exact topics of valid
+channel names; an empty or prefix subscription is refused and counted, and its
+sender gets nothing from it). Each accepted subscription travels to the owning
+worker, whose last-value cache then re-sends the channel's newest message (at
+most once per channel per ``resend_newest_interval_ms``), so a new native
+subscriber cannot miss a message published while its subscription was on its
+way (existing subscribers of that channel see that message again; sequences
+tell them it is a duplicate). An unsubscription goes on towards the workers as
+often as subscriptions of that topic went before it, so the XSUB keeps a topic
+while any native subscriber holds it.
+
+Bounds: the XPUB queues at most ``native_send_hwm`` messages per subscriber
+(dropping beyond: a subscriber that never reads holds at most that many); the
+XSUB's send HWM is unlimited, as it only carries subscriptions (libzmq would
+drop them silently past it); the XSUB and XPUB refuse frames over the message
+limit and a subscription's size (``ZMQ_MAXMSGSIZE``). A peer that sends
+something other than subscriptions to the XPUB is counted and logged: with a
+manual XPUB, libzmq can then apply a subscription that was queued behind that
+message to the wrong subscriber.
 
 Requests are decoded and checked here, routed by the ring through the edge's
 ``Backend`` (same deadlines and liveness as HTTP), and answered with the
@@ -53,6 +69,7 @@ class NativeCounters:
     def __init__(self):
         self.forwarded = 0
         self.subscriptions = 0
+        self.refused_subscriptions = 0
         self.requests = 0
         self.rejected_frames = 0
 
@@ -67,6 +84,7 @@ class NativeEndpoints:
         self._context = context or zmq.Context.instance()
         self._max_bytes = config.limits.max_message_bytes
         self._in_flight = 0
+        self._topics: dict = {}  # topic -> subscriptions forwarded and not yet withdrawn
         self._xpub = self._xsub = self._router = None
         self._readers = []
 
@@ -84,7 +102,8 @@ class NativeEndpoints:
         try:
             self._xpub = self._socket(zmq.XPUB)
             self._xpub.setsockopt(zmq.SNDHWM, edge.native_send_hwm)
-            self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+            self._xpub.setsockopt(zmq.MAXMSGSIZE, frames.SUBSCRIPTION_FRAME_LIMIT)
+            self._xpub.setsockopt(zmq.XPUB_MANUAL, 1)
             curve.secure_server(self._xpub, self.config, curve.NATIVE)
             self._xpub.bind(edge.native_pub_bind)
             self._router = self._socket(zmq.ROUTER)
@@ -98,6 +117,8 @@ class NativeEndpoints:
             raise OSError(f"cannot bind the native ZeroMQ endpoints: {exc}") from None
         self._xsub = self._socket(zmq.XSUB)
         self._xsub.setsockopt(zmq.RCVHWM, 200000)
+        self._xsub.setsockopt(zmq.SNDHWM, 0)  # subscriptions only; see the module docstring
+        self._xsub.setsockopt(zmq.MAXMSGSIZE, frames.frame_limit(self._max_bytes))
         self._xsub.setsockopt(zmq.RECONNECT_IVL, 100)
         self._xsub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         for worker in self.config.workers:
@@ -124,9 +145,9 @@ class NativeEndpoints:
                 sock.close(linger=0)
         self._xpub = self._xsub = self._router = None
         c = self.counters
-        log.info("native ZeroMQ closed: %d messages forwarded, %d subscriptions, %d requests, "
-                 "%d rejected frames", c.forwarded, c.subscriptions, c.requests,
-                 c.rejected_frames)
+        log.info("native ZeroMQ closed: %d messages forwarded, %d subscriptions (%d refused), "
+                 "%d requests, %d rejected frames", c.forwarded, c.subscriptions,
+                 c.refused_subscriptions, c.requests, c.rejected_frames)
 
     def _reject(self, reason: str) -> None:
         self.counters.rejected_frames += 1
@@ -143,14 +164,42 @@ class NativeEndpoints:
         self._xpub_reader.soon()
 
     def _on_subscription(self, parts) -> None:
-        """A native subscriber's (un)subscription: forward it towards the workers."""
+        """A native subscriber's (un)subscription: apply it and forward it towards the
+        workers if it is an exact topic; refuse it otherwise."""
         if len(parts) != 1 or parts[0][:1] not in (b"\x00", b"\x01"):
             self._reject(f"subscribe endpoint got a {len(parts)}-frame message that is not a "
                          "subscription")
             return
-        self.counters.subscriptions += 1
-        self._xsub.send(parts[0], zmq.NOBLOCK)
+        frame = parts[0]
+        try:
+            subscribe, _ = frames.decode_subscription(frame)
+        except frames.ProtocolError as exc:
+            if frame[:1] == b"\x01":  # unsubscribing from a refused topic is no harm
+                self._refuse_subscription(str(exc))
+            return
+        topic = frame[1:]
+        topics = self._topics
+        if subscribe:
+            self._xpub.setsockopt(zmq.SUBSCRIBE, topic)
+            topics[topic] = topics.get(topic, 0) + 1
+            self.counters.subscriptions += 1
+        else:
+            self._xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
+            held = topics.get(topic, 0)
+            if held == 0:
+                return  # more unsubscriptions than subscriptions: keep the others' topic
+            if held == 1:
+                del topics[topic]
+            else:
+                topics[topic] = held - 1
+        self._xsub.send(frame, zmq.NOBLOCK)
         self._xsub_reader.soon()
+
+    def _refuse_subscription(self, reason: str) -> None:
+        self.counters.refused_subscriptions += 1
+        count = self.counters.refused_subscriptions
+        if count <= 10 or count % 1000 == 0:
+            log.warning("native: refused subscription (%d so far): %s", count, reason)
 
     # -- request endpoint -------------------------------------------------------
 

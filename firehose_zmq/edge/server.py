@@ -163,6 +163,8 @@ class Edge:
                 return 413, str(exc)
             if exc.code == "bad_request":
                 return 400, str(exc)
+            if exc.code == "quota":
+                return 507, f"Insufficient storage: {exc}"
         return 503, f"Service unavailable: {exc}"
 
     def poll(self, subscriptions, on_done) -> Poll:

@@ -35,7 +35,7 @@ Replies: the same envelope, then one msgpack map::
     {"v": 1, "id": <echoed or nil>, "ok": false, "error": <code>, "reason": <str>,
      "ring": <ring version>}
     codes: bad_request, not_owner, unsupported_version, too_large, unavailable,
-           deadline, overloaded
+           deadline, overloaded, quota
 
 Messages: worker PUB/XPUB -> edge SUB (and native subscribers)::
 
@@ -44,11 +44,18 @@ Messages: worker PUB/XPUB -> edge SUB (and native subscribers)::
     | body                      | msgpack map: channel (str), seq (int),   |
     |                           | epoch (int), data (bytes), ttl (int|nil) |
     +---------------------------+------------------------------------------+
+
+Subscriptions: subscriber -> XPUB, one frame ``0x01 + topic`` (subscribe) or
+``0x00 + topic`` (unsubscribe), where ``topic`` is exactly ``channel + b"\\x00"``
+for a channel name that ``names.check_channel`` accepts. Anything else (an empty
+topic, a prefix, a reserved name) is refused: ``decode_subscription``.
 """
 
 from typing import NamedTuple, Optional
 
 import msgpack
+
+from .names import MAX_CHANNEL_BYTES, InvalidName, check_channel
 
 VERSION = 1
 
@@ -60,6 +67,7 @@ TOO_LARGE = "too_large"
 UNAVAILABLE = "unavailable"
 DEADLINE = "deadline"        # the request's deadline_ms had passed when it was read
 OVERLOADED = "overloaded"    # the worker's store is too far behind to take more
+QUOTA = "quota"              # the worker holds as much as its quotas allow
 
 _ENVELOPE_SLACK_BYTES = 64 * 1024
 
@@ -93,8 +101,38 @@ def topic(channel: str) -> bytes:
     return channel.encode("utf-8", "surrogateescape") + b"\x00"
 
 
+def frame_limit(max_bytes: int) -> int:
+    """The largest frame a peer may send when messages are at most ``max_bytes``
+    (the message, its fields and a reply's framing); ``ZMQ_MAXMSGSIZE`` on every
+    socket that reads requests, replies or messages."""
+    return max_bytes + _ENVELOPE_SLACK_BYTES
+
+
+# 0x01/0x00, the channel name, its zero byte (ZMQ_MAXMSGSIZE of XPUB sockets).
+SUBSCRIPTION_FRAME_LIMIT = MAX_CHANNEL_BYTES + 2
+
+
+def decode_subscription(frame: bytes) -> tuple:
+    """``(subscribe, channel)`` of an XPUB's subscription frame; raises ProtocolError
+    unless it is 0x01/0x00 followed by exactly ``topic(channel)`` of a channel
+    that may be subscribed to."""
+    if len(frame) < 2 or frame[0] > 1:
+        raise ProtocolError(f"a {len(frame)}-byte frame that is not a subscription")
+    if len(frame) > SUBSCRIPTION_FRAME_LIMIT or frame[-1] != 0:
+        raise ProtocolError("a subscription whose topic is not a channel name and its zero byte "
+                            "(prefix subscriptions are refused)")
+    try:
+        name = bytes(frame[1:-1]).decode("utf-8")
+        channel = check_channel(name)
+    except UnicodeDecodeError:
+        raise ProtocolError("a subscription whose topic is not UTF-8") from None
+    except InvalidName as exc:
+        raise ProtocolError(f"a subscription to a refused name: {exc.reason}") from None
+    return frame[0] == 1, channel
+
+
 def _unpack(frame: bytes, max_bytes: int):
-    if len(frame) > max_bytes + _ENVELOPE_SLACK_BYTES:
+    if len(frame) > frame_limit(max_bytes):
         raise ProtocolError(f"frame of {len(frame)} bytes is over the limit", TOO_LARGE)
     try:
         return msgpack.unpackb(frame, raw=False, strict_map_key=True,
@@ -225,6 +263,9 @@ def decode_reply(frame: bytes, max_bytes: int) -> dict:
     reply = _unpack(frame, max_bytes)
     if not isinstance(reply, dict) or "id" not in reply or not _is_bool(reply.get("ok")):
         raise ProtocolError("reply must be a map with 'id' and boolean 'ok'")
+    request_id = reply["id"]
+    if not (request_id is None or _is_int(request_id) or isinstance(request_id, (str, bytes))):
+        raise ProtocolError("'id' must be an integer, string, bytes or nil")
     if reply.get("v") != VERSION:
         raise ProtocolError(f"unsupported protocol version {reply.get('v')!r}", UNSUPPORTED_VERSION)
     if reply["ok"]:

@@ -7,11 +7,26 @@ Links (both sockets bind; edges and native clients connect)::
     XPUB   pub_bind      -> [channel + b"\\x00", message]   one per publish
                          <- [b"\\x01" + topic] / [b"\\x00" + topic]   (subscriptions)
 
-Frame bodies are in ``protocol``. Every subscription that reaches the XPUB is
-answered by re-sending that channel's newest message (a last-value cache): an
-edge that subscribed and then fetched cannot miss a message published while its
-subscription was still travelling, because the re-sent message, carrying its
-sequence, arrives as soon as the subscription lands.
+Frame bodies are in ``wire.frames``. Every subscription that reaches the XPUB
+is answered by re-sending that channel's newest message (a last-value cache):
+an edge that subscribed and then fetched cannot miss a message published while
+its subscription was still travelling, because the re-sent message, carrying
+its sequence, arrives as soon as the subscription lands. The re-send happens at
+most once per channel per ``resend_newest_interval_ms``; subscriptions within
+the interval get one re-send at its end, so a flood of subscriptions costs one
+message per interval, not one per subscription.
+
+The XPUB takes exact topics only (``ZMQ_XPUB_MANUAL``): a subscription is
+applied only if ``frames.decode_subscription`` accepts it (a valid channel
+name and its zero byte); an empty or prefix subscription is refused, counted,
+and its sender gets nothing from it. Subscriptions to channels another worker
+owns are applied (the ring may change) but re-send nothing.
+
+Bounds: every socket refuses frames over ``frames.frame_limit`` (the XPUB, which
+only reads subscriptions, over ``SUBSCRIPTION_FRAME_LIMIT``); the XPUB queues at
+most ``worker_send_hwm`` messages per subscriber and drops beyond; publishes
+that would grow the worker past its quotas (channels, bytes buffered, store
+size) are refused with ``quota``.
 
 The worker is one thread running a zmq poll loop: no lock, no await, and a
 publish costs one PUB message whatever the number of subscribers.
@@ -74,6 +89,9 @@ class Counters:
         self.duplicate_publishes = 0
         self.late_requests = 0
         self.overloaded = 0
+        self.refused_subscriptions = 0  # empty, prefix or invalid topics on the XPUB
+        self.resends = 0  # newest messages re-sent for subscriptions
+        self.over_quota = 0  # publishes refused by a quota
         self.commits = 0  # store transactions (group commits), counted when the store stops
 
 
@@ -103,6 +121,9 @@ class Worker:
         self._reply_reveals_state = True  # set per request by _dispatch
         self._publish_ids = PublishIds(self.storage.publish_id_window_s, _MAX_PUBLISH_IDS,
                                        clock())
+        self._resend_interval_s = self.limits.resend_newest_interval_ms / 1000.0
+        self._resent_at: dict = {}   # channel -> monotonic time of its last re-send
+        self._resend_due: dict = {}  # channel -> monotonic time its deferred re-send is due
 
     @property
     def store_path(self) -> str:
@@ -165,12 +186,15 @@ class Worker:
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.RCVHWM, 100000)
         self._router.setsockopt(zmq.SNDHWM, 100000)
+        self._router.setsockopt(zmq.MAXMSGSIZE, frames.frame_limit(self.limits.max_message_bytes))
         curve.secure_server(self._router, self.config, self.me.id)
         self._router.bind(self.me.router_bind)
         self._xpub = self._context.socket(zmq.XPUB)
         self._xpub.setsockopt(zmq.LINGER, 0)
-        self._xpub.setsockopt(zmq.SNDHWM, 100000)
-        self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, for the cache
+        self._xpub.setsockopt(zmq.SNDHWM, self.limits.worker_send_hwm)
+        self._xpub.setsockopt(zmq.MAXMSGSIZE, frames.SUBSCRIPTION_FRAME_LIMIT)
+        # Every (un)subscription comes to us and only those we apply take effect.
+        self._xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         curve.secure_server(self._xpub, self.config, self.me.id)
         self._xpub.bind(self.me.pub_bind)
 
@@ -205,13 +229,15 @@ class Worker:
         next_expiry = self._clock() + _EXPIRE_EVERY_S
         try:
             while not should_stop():
-                ready = dict(poller.poll(_POLL_MS))
+                ready = dict(poller.poll(self._poll_ms()))
                 if notify is not None and notify in ready:
                     self._flush_outbox()
                 if self._router in ready:
                     self._drain_requests()
                 if self._xpub in ready:
                     self._drain_subscriptions()
+                if self._resend_due:
+                    self._resend_due_now()
                 now = self._clock()
                 if now >= next_expiry:
                     self._expire(now)
@@ -330,27 +356,67 @@ class Worker:
         return True
 
     def _drain_subscriptions(self) -> None:
+        """Apply the subscriptions ``frames.decode_subscription`` accepts; refuse the rest.
+
+        With ``ZMQ_XPUB_MANUAL`` a ``setsockopt(SUBSCRIBE)`` applies to the sender of
+        the frame just read, so it follows each recv at once."""
         xpub = self._xpub
         for _ in range(_BATCH):
             try:
                 frame = recv(xpub, NOBLOCK)
             except zmq.Again:
                 return
-            if frame[:1] == b"\x01" and frame.endswith(b"\x00"):
+            try:
+                subscribe, name = frames.decode_subscription(frame)
+            except frames.ProtocolError as exc:
+                if frame[:1] != b"\x00":  # unsubscribing from a refused topic is no harm
+                    self._refuse_subscription(str(exc))
+                continue
+            if subscribe:
+                xpub.setsockopt(zmq.SUBSCRIBE, frame[1:])
                 self.counters.subscriptions += 1
-                self._resend_newest(frame[1:-1])
+                if self.ring.owner(name) == self.me.id:
+                    self._resend_newest(name)
+            else:
+                xpub.setsockopt(zmq.UNSUBSCRIBE, frame[1:])
 
-    def _resend_newest(self, channel_bytes: bytes) -> None:
-        try:
-            name = channel_bytes.decode("utf-8")
-        except UnicodeDecodeError:
+    def _refuse_subscription(self, reason: str) -> None:
+        self.counters.refused_subscriptions += 1
+        count = self.counters.refused_subscriptions
+        if count <= 10 or count % 1000 == 0:
+            log.warning("refused subscription (%d so far): %s", count, reason)
+
+    def _resend_newest(self, name: str) -> None:
+        """Re-send ``name``'s newest message now, or once at the end of its interval."""
+        now = time.monotonic()
+        last = self._resent_at.get(name)
+        if last is not None and now - last < self._resend_interval_s:
+            self._resend_due.setdefault(name, last + self._resend_interval_s)
             return
-        if self.ring.owner(name) != self.me.id:
-            return
-        now = self._clock()
-        channel = self.channels.get(name, now)
+        self._resent_at[name] = now
+        wall = self._clock()
+        channel = self.channels.get(name, wall)
         if channel is not None and channel.last is not None:
-            self._publish_frames(channel, channel.last, now)
+            self.counters.resends += 1
+            self._publish_frames(channel, channel.last, wall)
+
+    def _resend_due_now(self) -> None:
+        now = time.monotonic()
+        due = [name for name, at in self._resend_due.items() if at <= now]
+        for name in due:
+            del self._resend_due[name]
+            self._resent_at.pop(name, None)
+            self._resend_newest(name)
+        if len(self._resent_at) > len(self._resend_due) + 1024:
+            horizon = now - self._resend_interval_s
+            self._resent_at = {name: at for name, at in self._resent_at.items() if at > horizon}
+
+    def _poll_ms(self) -> int:
+        """How long the loop may wait for a socket: until the next deferred re-send."""
+        if not self._resend_due:
+            return _POLL_MS
+        wait_s = min(self._resend_due.values()) - time.monotonic()
+        return max(0, min(_POLL_MS, math.ceil(wait_s * 1000)))
 
     def _publish_frames(self, channel, message, now: float) -> None:
         ttl = None
@@ -380,7 +446,7 @@ class Worker:
         try:
             return self._dispatch(request)
         except frames.ProtocolError as exc:
-            if exc.code not in (frames.DEADLINE, frames.OVERLOADED):
+            if exc.code not in (frames.DEADLINE, frames.OVERLOADED, frames.QUOTA):
                 self._reject(str(exc))
             return frames.encode_error(request_id, exc.code, str(exc), self.ring.version)
         except Exception:
@@ -477,6 +543,7 @@ class Worker:
         if buffer_size > limits.max_buffer_size:
             raise frames.ProtocolError(
                 f"buffer_size {buffer_size} is above the maximum {limits.max_buffer_size}")
+        self._check_quotas(name, data, now, buffer_size)
         ttl_s = None if request.get("persist") else request.get("ttl", limits.default_ttl_s)
         channel, message = self.channels.publish(name, data, now, ttl_s, buffer_size)
         seq = message[0]
@@ -488,6 +555,31 @@ class Worker:
             self._publish_ids.add(publish_id, name, seq, channel.epoch, now)
         self._publish_frames(channel, message, now)
         return frames.encode_reply(request["id"], seq=seq, epoch=channel.epoch)
+
+
+    def _check_quotas(self, name: str, data: bytes, now: float, buffer_size: int) -> None:
+        """Refuse (``quota``) a publish that would grow a worker that is at a quota;
+        one that replaces what it adds (a full buffer) still goes through."""
+        limits = self.limits
+        new_channel, growth = self.channels.growth(name, data, now, buffer_size)
+        reason = None
+        if new_channel and len(self.channels) >= limits.max_channels_per_worker:
+            reason = (f"worker {self.me.id} holds {len(self.channels)} channels, its "
+                      f"max_channels_per_worker")
+        elif growth > 0 and self.channels.buffered_bytes + growth > \
+                limits.max_buffered_bytes_per_worker:
+            reason = (f"worker {self.me.id} buffers {self.channels.buffered_bytes} bytes; "
+                      f"this message would pass max_buffered_bytes_per_worker "
+                      f"({limits.max_buffered_bytes_per_worker})")
+        elif (growth > 0 or new_channel) and self._writer is not None and \
+                self._writer.used_bytes >= limits.max_store_bytes_per_worker:
+            reason = (f"worker {self.me.id}'s store uses {self._writer.used_bytes} bytes, its "
+                      f"max_store_bytes_per_worker ({limits.max_store_bytes_per_worker})")
+        if reason is not None:
+            self.counters.over_quota += 1
+            if self.counters.over_quota <= 10 or self.counters.over_quota % 1000 == 0:
+                log.warning("publish refused (%d so far): %s", self.counters.over_quota, reason)
+            raise frames.ProtocolError(f"{reason}; delete channels or retry later", frames.QUOTA)
 
 
 def main(argv=None) -> int:
@@ -534,8 +626,9 @@ def main(argv=None) -> int:
         worker.close(linger_ms=1000 if ok else 0)
         c = worker.counters
         log.info("worker %s stopped%s: %d requests, %d published, %d duplicate publishes, "
-                 "%d rejected frames, %d store commits", args.id,
-                 "" if ok else " (store not flushed)", c.requests, c.published,
-                 c.duplicate_publishes, c.rejected_frames, c.commits)
+                 "%d rejected frames, %d refused subscriptions, %d over quota, "
+                 "%d store commits", args.id, "" if ok else " (store not flushed)",
+                 c.requests, c.published, c.duplicate_publishes, c.rejected_frames,
+                 c.refused_subscriptions, c.over_quota, c.commits)
     return 0 if ok else 1
 

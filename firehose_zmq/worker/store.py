@@ -318,6 +318,13 @@ class Store:
         return {table: self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                 for table in ("channels", "messages", "publish_ids")}
 
+    def used_bytes(self) -> int:
+        """Bytes of the file's pages in use (free pages are reused, not counted)."""
+        db = self._db
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        return (pages - free) * db.execute("PRAGMA page_size").fetchone()[0]
+
     def close(self, clean: bool) -> None:
         """Close the file; ``clean`` records that everything acknowledged is in it."""
         try:
@@ -362,6 +369,7 @@ class StoreWriter:
         # counts are per bucket of COMMIT_BUCKETS_S (upper bounds), the last above all.
         self.commit_seconds = 0.0
         self.commit_histogram = [0] * (len(COMMIT_BUCKETS_S) + 1)
+        self.used_bytes = store.used_bytes()  # after the last commit (read by the loop)
 
     def start(self) -> None:
         self._thread.start()
@@ -460,6 +468,7 @@ class StoreWriter:
                 elapsed = time.monotonic() - started
                 self.commit_seconds += elapsed
                 self.commit_histogram[bisect.bisect_left(COMMIT_BUCKETS_S, elapsed)] += 1
+                self.used_bytes = store.used_bytes()
                 notify.send(batches[-1][0].to_bytes(8, "big"))
                 log.debug("committed %d batch(es) in %.1f ms", len(batches),
                           1000 * (time.monotonic() - started))

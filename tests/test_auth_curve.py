@@ -230,8 +230,9 @@ def curve_cluster(tmp_path_factory):
     """A two-worker cluster with CURVE on every link and two native client keys."""
     tmp_path = tmp_path_factory.mktemp("curve")
     key_dir = tmp_path / "keys"
-    made = keys(key_dir, "w1", "w2", "edge", "native", "app", "stranger")
-    tables = curve_tables(key_dir, native_clients=[("app", ["*"], ["*"])])
+    made = keys(key_dir, "w1", "w2", "edge", "native", "app", "stranger", "reader")
+    tables = curve_tables(key_dir, native_clients=[("app", ["*"], ["*"]),
+                                                   ("reader", [], ["/chat/*"])])
     with Cluster(tmp_path, tables=tables) as running:
         running.keys = made
         running.key_dir = key_dir
@@ -265,20 +266,52 @@ def test_plain_socket_gets_nothing_from_any_port(curve_cluster, ctx):
             sock.send(msgpack.packb({"v": 1, "id": 1, "op": "ping"}))
         assert next_event(monitor) & curve.HANDSHAKE_FAILED, endpoint
         plain.append(sock)
-    keyed = ctx.socket(zmq.SUB)
-    keyed.setsockopt(zmq.LINGER, 0)
-    public, secret = curve.load_key_pair(curve_cluster.keys["app"][1])
-    curve.client_keys(keyed, curve_cluster.keys["native"][2].encode(), public, secret)
-    keyed.setsockopt(zmq.SUBSCRIBE, b"")
+    channels = [channel_on(worker_id, curve_cluster.worker_ids, "/plain")
+                for worker_id in curve_cluster.worker_ids]
+    keyed = keyed_socket(ctx, curve_cluster, zmq.SUB, "app")
+    for channel in channels:
+        keyed.setsockopt(zmq.SUBSCRIBE, channel.encode() + b"\x00")
     keyed.connect(curve_cluster.native_pub)
     deadline = time.monotonic() + WAIT_S
     while not keyed.poll(100):
         assert time.monotonic() < deadline, "the keyed subscriber got nothing"
-        for worker_id in curve_cluster.worker_ids:
-            channel = channel_on(worker_id, curve_cluster.worker_ids, "/plain")
+        for channel in channels:
             assert request(curve_cluster.url(channel), "PUT", b"secret").status == 202
     for sock in plain:
         assert not sock.poll(0), "a socket without a key received something"
+
+
+def keyed_socket(ctx, cluster, kind, name):
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    public, secret = curve.load_key_pair(cluster.keys[name][1])
+    curve.client_keys(sock, cluster.keys["native"][2].encode(), public, secret)
+    return sock
+
+
+def test_native_key_rights_on_the_edge(curve_cluster, ctx):
+    """A key granted reading /chat/* may fetch and subscribe there, may not publish,
+    and its subscription to another channel is refused; nothing reaches it there."""
+    dealer = keyed_socket(ctx, curve_cluster, zmq.DEALER, "reader")
+    dealer.connect(curve_cluster.native_router)
+    refused = native_call(dealer, {"id": 1, "op": "publish", "channel": "/chat/a",
+                                   "data": b"x"})
+    assert refused["error"] == "forbidden"
+    assert native_call(dealer, {"id": 2, "op": "fetch", "channel": "/chat/a",
+                                "since": 0})["id"] == 2
+    assert native_call(dealer, {"id": 3, "op": "fetch", "channel": "/news",
+                                "since": 0})["error"] == "forbidden"
+    allowed, other = (keyed_socket(ctx, curve_cluster, zmq.SUB, "reader") for _ in range(2))
+    allowed.setsockopt(zmq.SUBSCRIBE, b"/chat/a\x00")
+    other.setsockopt(zmq.SUBSCRIBE, b"/news\x00")
+    for sock in (allowed, other):
+        sock.connect(curve_cluster.native_pub)
+    deadline = time.monotonic() + WAIT_S
+    while not allowed.poll(100):
+        assert time.monotonic() < deadline, "the granted subscription got nothing"
+        assert request(curve_cluster.url("/chat/a"), "PUT", b"c").status == 202
+        assert request(curve_cluster.url("/news"), "PUT", b"n").status == 202
+    assert not other.poll(300), "a subscription the key does not grant received a message"
 
 
 def native_call(sock, request: dict) -> dict:
@@ -324,7 +357,9 @@ def test_edge_with_the_wrong_server_key_says_so(curve_cluster, tmp_path):
     from firehose_zmq.testing import free_port
     port = free_port()
     edge = Process("wrong edge", [str(BIN / "firehose-edge"), "--config", str(config_path),
-                                  "--no-native"], {**curve_cluster.env, "PORT": str(port)})
+                                  "--no-native"], {**curve_cluster.env, "PORT": str(port),
+                                                   "FIREHOSE_ADMIN_BIND":
+                                                   f"127.0.0.1:{free_port()}"})
     try:
         edge.wait_for("edge listening")
         edge.wait_for("worker w2 up")

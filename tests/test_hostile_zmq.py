@@ -13,7 +13,7 @@ import zmq
 
 from firehose_zmq.wire import frames
 
-from .cluster import Cluster, channel_on
+from .cluster import Cluster
 from .http import request
 
 TIMEOUT_MS = 5000

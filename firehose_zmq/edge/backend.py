@@ -87,12 +87,15 @@ class RequestRejected(BackendError):
 
 
 class SocketReader:
-    """Calls ``on_frames(frames)`` for every message of a zmq socket, on the loop."""
+    """Calls ``on_frames(frames)`` for every message of a zmq socket, on the loop
+    (``zmq.Frame`` objects when ``frame_objects``: their properties, such as a CURVE
+    client's ``User-Id``, are wanted)."""
 
-    def __init__(self, loop, sock, on_frames):
+    def __init__(self, loop, sock, on_frames, frame_objects: bool = False):
         self._loop = loop
         self._sock = sock
         self._on_frames = on_frames
+        self._frame_objects = frame_objects
         self._scheduled = False
         loop.add_reader(sock.FD, self.drain)
         self.soon()
@@ -106,7 +109,8 @@ class SocketReader:
             if not readable(sock):
                 return
             try:
-                parts = recv_frames(sock)
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False) if self._frame_objects \
+                    else recv_frames(sock)
             except zmq.Again:
                 return
             try:

@@ -50,6 +50,7 @@ import logging
 import zmq
 
 from ..auth import curve
+from ..auth.tokens import AuthError
 from ..wire import frames
 from .backend import BackendError, RequestRejected, SocketReader
 from ..wire.names import InvalidName, check_channel
@@ -87,6 +88,7 @@ class NativeEndpoints:
         self._topics: dict = {}  # topic -> subscriptions forwarded and not yet withdrawn
         self._xpub = self._xsub = self._router = None
         self._readers = []
+        self.rights = curve.NativeRights(config)  # what each CURVE client key may do
 
     @property
     def pub_endpoint(self) -> str:
@@ -124,9 +126,10 @@ class NativeEndpoints:
         for worker in self.config.workers:
             curve.secure_client(self._xsub, self.config, worker.id)
             self._xsub.connect(worker.pub_connect)
-        self._xpub_reader = SocketReader(loop, self._xpub, self._on_subscription)
+        keyed = self.rights.enabled  # frames carry their client's key
+        self._xpub_reader = SocketReader(loop, self._xpub, self._on_subscription, keyed)
         self._xsub_reader = SocketReader(loop, self._xsub, self._on_worker_message)
-        self._router_reader = SocketReader(loop, self._router, self._on_request)
+        self._router_reader = SocketReader(loop, self._router, self._on_request, keyed)
         self._readers = [self._xpub_reader, self._xsub_reader, self._router_reader]
         log.info("native ZeroMQ: subscribe on %s, requests on %s",
                  edge.native_pub_bind, edge.native_router_bind)
@@ -165,7 +168,12 @@ class NativeEndpoints:
 
     def _on_subscription(self, parts) -> None:
         """A native subscriber's (un)subscription: apply it and forward it towards the
-        workers if it is an exact topic; refuse it otherwise."""
+        workers if it is an exact topic its key may read; refuse it otherwise."""
+        if self.rights.enabled:
+            keyed, parts = parts[0], [part.bytes for part in parts]
+            if len(parts) == 1 and not self.rights.subscription_allowed(keyed):
+                self._refuse_subscription("the client's key does not grant that channel")
+                return
         if len(parts) != 1 or parts[0][:1] not in (b"\x00", b"\x01"):
             self._reject(f"subscribe endpoint got a {len(parts)}-frame message that is not a "
                          "subscription")
@@ -206,6 +214,9 @@ class NativeEndpoints:
     def _on_request(self, parts) -> None:
         """``[identity, body]`` (DEALER) or ``[identity, b"", body]`` (REQ)."""
         self.counters.requests += 1
+        keyed = None
+        if self.rights.enabled:
+            keyed, parts = parts[-1], [part.bytes for part in parts]
         if len(parts) == 2:
             envelope, body = parts[:1], parts[1]
         elif len(parts) == 3 and parts[1] == b"":
@@ -220,8 +231,14 @@ class NativeEndpoints:
             request = frames.decode_request(body, self._max_bytes)
             if request["op"] != "ping":
                 self._check_channel(request)
+            if keyed is not None:
+                self.rights.check_request(request, keyed)
         except frames.ProtocolError as exc:
             self._reply_error(envelope, exc.request_id, exc)
+            return
+        except AuthError as exc:
+            self._reply_error(envelope, request["id"], frames.ProtocolError(
+                exc.reason, request_id=request["id"], code=frames.FORBIDDEN))
             return
         request_id = request["id"]
         if request["op"] == "ping":

@@ -68,6 +68,7 @@ UNAVAILABLE = "unavailable"
 DEADLINE = "deadline"        # the request's deadline_ms had passed when it was read
 OVERLOADED = "overloaded"    # the worker's store is too far behind to take more
 QUOTA = "quota"              # the worker holds as much as its quotas allow
+FORBIDDEN = "forbidden"      # the client's CURVE key does not grant that channel
 
 _ENVELOPE_SLACK_BYTES = 64 * 1024
 

@@ -25,6 +25,8 @@ PAGE = """<!doctype html>
 const query = new URLSearchParams(location.search);
 const edge = query.get("edge");
 const channel = query.get("channel");
+const token = query.get("token");  // a subscriber's JWT, when the edge requires one
+const auth = token ? "access_token=" + encodeURIComponent(token) : "";
 let reports = Promise.resolve();
 function report(event) {
   const body = JSON.stringify(event);
@@ -32,7 +34,8 @@ function report(event) {
                    .catch(() => undefined);
 }
 
-const source = new EventSource(edge + channel + "?last_message_sequence=0");
+const source = new EventSource(edge + channel + "?last_message_sequence=0" +
+                               (auth ? "&" + auth : ""));
 source.onopen = () => report({transport: "sse", event: "open"});
 source.onerror = () => report({transport: "sse", event: "error"});
 source.onmessage = (e) => report({transport: "sse", event: "message", seq: Number(e.lastEventId),
@@ -40,7 +43,7 @@ source.onmessage = (e) => report({transport: "sse", event: "message", seq: Numbe
 
 let lastSequence = 0;
 function connectSocket() {
-  const socket = new WebSocket(edge.replace(/^http/, "ws") + channel);
+  const socket = new WebSocket(edge.replace(/^http/, "ws") + channel + (auth ? "?" + auth : ""));
   let pongs = 0;
   socket.onopen = () => socket.send(JSON.stringify({ping: "PING"}));
   socket.onmessage = (e) => {
@@ -170,3 +173,49 @@ def test_browser_event_source_and_websocket_resume_after_edge_restart(tmp_path, 
                 server.stop()
 
         run(go(), timeout_s=180)
+
+
+def test_browser_subscribes_with_a_token_in_its_urls(tmp_path, run, chromium_binary):
+    """With subscribing required, a page's EventSource and WebSocket carry their token
+    in the URL (browsers cannot set headers on either) and get the messages."""
+    import time
+
+    import jwt
+    secret = "b" * 40
+    channel = "/browser/private"
+    claims = {"exp": int(time.time()) + 600, "firehose": {"publish": [channel],
+                                                          "subscribe": [channel]}}
+    token = jwt.encode(claims, secret, algorithm="HS256")
+    tables = f'[auth]\npublish = "required"\nsubscribe = "required"\njwt_key = "{secret}"\n'
+    with Cluster(tmp_path, tables=tables) as cluster:
+        async def go():
+            reports = Reports()
+            app = tornado.web.Application([("/page.html", PageHandler),
+                                           ("/report", ReportHandler, {"reports": reports})])
+            sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+            page_port = sockets[0].getsockname()[1]
+            server = tornado.httpserver.HTTPServer(app)
+            server.add_sockets(sockets)
+            edge = f"http://127.0.0.1:{cluster.http_port}"
+            browser = Chromium(chromium_binary, f"http://127.0.0.1:{page_port}/page.html"
+                                                f"?edge={edge}&channel={channel}&token={token}")
+            try:
+                await reports.wait_for(lambda: reports.of("sse", "open")
+                                       and reports.of("ws", "open"), "both subscriptions")
+                for i in (1, 2):
+                    r = await async_request(cluster.url(channel), "PUT", f"secret {i}".encode(),
+                                            {"Authorization": f"Bearer {token}"})
+                    assert r.status == 202
+                expected = [(1, "secret 1"), (2, "secret 2")]
+                await reports.wait_for(lambda: len(reports.messages("sse")) >= 2
+                                       and len(reports.messages("ws")) >= 2, "2 messages")
+                assert reports.messages("sse") == expected
+                assert reports.messages("ws") == expected
+            except AssertionError:
+                print(browser.log_text())
+                raise
+            finally:
+                browser.stop()
+                server.stop()
+
+        run(go(), timeout_s=120)

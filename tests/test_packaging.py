@@ -15,7 +15,8 @@ from .ports import free_port_block
 ROOT = Path(__file__).resolve().parent.parent
 # What the wheel needs at run time, borrowed from this virtualenv so that the test
 # needs no network; firehose_zmq itself must come from the wheel.
-DEPENDENCIES = ("zmq", "pyzmq.libs", "tornado", "msgpack", "uvloop", "prometheus_client")
+DEPENDENCIES = ("zmq", "pyzmq.libs", "tornado", "msgpack", "uvloop", "prometheus_client", "jwt",
+                "cryptography", "cffi", "_cffi_backend*")
 
 
 def site_packages(python: Path) -> Path:
@@ -44,9 +45,9 @@ def test_wheel_installs_and_runs_a_cluster_outside_the_checkout(tmp_path):
     borrowed = tmp_path / "deps"
     borrowed.mkdir()
     ours = site_packages(Path(sys.executable))
-    for name in DEPENDENCIES:
-        if (ours / name).exists():
-            (borrowed / name).symlink_to(ours / name)
+    for pattern in DEPENDENCIES:
+        for path in ours.glob(pattern):
+            (borrowed / path.name).symlink_to(path)
     (site_packages(python) / "deps.pth").write_text(str(borrowed) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
                     "--no-deps", "--no-index", str(wheel)], check=True, timeout=300,

@@ -350,6 +350,27 @@ def run_javascript(text, tmp_path, chromium):
         cluster.stop()
 
 
+def run_token(text, tmp_path):
+    """The token snippet, with its secret file here: its token publishes to /chat/*
+    and reads /chat/room1 on a cluster that requires both, and nothing else."""
+    secret = "r" * 40
+    secret_file = tmp_path / "jwt.secret"
+    secret_file.write_text(secret + "\n")
+    code = text.replace("/etc/firehose/jwt.secret", str(secret_file))
+    assert code != text, "the snippet no longer reads /etc/firehose/jwt.secret"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    tables = f'[auth]\npublish = "required"\nsubscribe = "required"\njwt_key = "{secret}"\n'
+    with Cluster(tmp_path, tables=tables) as cluster:
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert request(cluster.url("/chat/room1"), "PUT", b"x", headers=bearer).status == 202
+        assert request(cluster.url("/chat/room1"), headers=bearer).status == 200
+        assert request(cluster.url("/news"), "PUT", b"x", headers=bearer).status == 403
+        assert request(cluster.url("/chat/room2"), headers=bearer).status == 403
+
+
 RUNNERS = {
     "make run": run_make,
     "$ curl -i -X PUT": run_curl_session,
@@ -360,6 +381,7 @@ RUNNERS = {
     "[storage]": run_toml,
     "const ws = new WebSocket": run_javascript,
     "curl -N -H 'Accept: text/event-stream'": run_event_stream,
+    "import jwt, time": run_token,
 }
 
 

@@ -147,7 +147,6 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
         self.rules = edge.rules
         self.fast = fast
         self.connections: set = set()  # every Connection, fast or adopted
-        self.tornado_connections = 0   # sockets Tornado is reading a request from
         self.known_heads: dict = {}    # see Connection._start_request
         self.adopted_streams = weakref.WeakSet()  # detached from Tornado, served by us
         self.closed_streams = weakref.WeakSet()   # counted closed already
@@ -170,7 +169,9 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
         self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_S, self._sweep)
 
     def open_connections(self) -> int:
-        return len(self.connections) + self.tornado_connections
+        """Sockets accepted and not closed yet (whoever serves them, counted from the
+        accept on: a burst of accepts is counted before its protocols start)."""
+        return self.edge.metrics.connections
 
     def accepted(self, sock: socket.socket, address) -> None:
         metrics = self.edge.metrics
@@ -190,21 +191,24 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
             loop = asyncio.get_running_loop()
             task = loop.create_task(loop.connect_accepted_socket(
                 lambda: Connection(self, address), sock))
-            task.add_done_callback(_log_failed_start)
+            task.add_done_callback(self._started)
         else:
             self.serve_with_tornado(tornado.iostream.IOStream(
                 sock, max_buffer_size=self.max_buffer_size,
                 read_chunk_size=self.read_chunk_size), address)
 
+    def _started(self, task) -> None:
+        if task.cancelled() or task.exception() is not None:
+            # The client was gone before its connection was set up.
+            self.edge.metrics.connection_closed(time.time())
+
     def serve_with_tornado(self, stream, address) -> None:
         """Tornado reads the next request of ``stream`` (the slow path)."""
-        self.tornado_connections += 1
         super().handle_stream(stream, address)
 
     def on_close(self, server_conn):
         # Tornado is done with the socket: it closed it, or a handler detached it (and
         # may have given it back already: one socket can end several Tornado connections).
-        self.tornado_connections -= 1
         stream = server_conn.stream
         if stream.closed() and stream not in self.adopted_streams \
                 and stream not in self.closed_streams:
@@ -252,11 +256,6 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
         now = time.monotonic()
         for conn in list(self.connections):
             conn.check_timeouts(now)
-
-
-def _log_failed_start(task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("a connection could not be set up: %s", task.exception())
 
 
 class Connection(asyncio.Protocol):

@@ -1,6 +1,6 @@
-"""The fast path's HTTP/1.1 plumbing (fastpath.py) against a real edge, on both loops:
-keep-alive, pipelining, split bodies, half-close, and handing a connection to
-Tornado in the middle of it."""
+"""HTTP/1.1 connections against a real edge, on both event loops and with Tornado
+reading the requests: keep-alive, pipelining, split bodies, half-close, CORS, and a
+WebSocket after other requests on one connection."""
 
 import json
 import socket

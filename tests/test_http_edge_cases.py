@@ -1,5 +1,6 @@
-"""Review of the fast path (fastpath.py, faststreams.py) against a real edge: where it
-must answer as Tornado (and HTTP/1.1, RFC 9112) does for the same bytes."""
+"""The edge against HTTP/1.1's corner cases (RFC 9112): Connection: close, missing and
+malformed fields, bare LF, numbers of thousands of digits, bodies in later reads,
+the head cache, a WebSocket in its first bytes, and draining."""
 
 import json
 import signal
@@ -12,9 +13,13 @@ import pytest
 
 from .cluster import Cluster
 from .http import request
-from .test_fastpath import Conn, _masked_text, _server_frame, get, put
+from .test_http_connections import Conn, _masked_text, _server_frame, get, put
 
-TORNADO_SIGNATURE = "server"  # Tornado's answers carry ``Server: TornadoServer/x``; the fast path's do not
+
+
+# Tornado's own answers (its 400 for a request it cannot parse) carry
+# ``Server: TornadoServer/x``; the edge's Connection writes no Server field.
+TORNADO_SIGNATURE = "server"
 
 
 def fresh() -> str:
@@ -81,9 +86,9 @@ def test_no_request_is_processed_after_connection_close(cluster):
     assert newest_sequence(cluster, channel) == 1, "the pipelined PUT was published"
 
 
-def test_connection_close_is_not_undone_by_a_hand_off(cluster):
-    """After a ``Connection: close`` answer the connection ends, even when the bytes
-    after it are a request only Tornado serves."""
+def test_nothing_is_served_after_a_connection_close_answer(cluster):
+    """After a ``Connection: close`` answer the connection ends, whatever the bytes
+    after it ask for."""
     channel = fresh()
     published(cluster, channel)
     conn = Conn(cluster)
@@ -91,7 +96,7 @@ def test_connection_close_is_not_undone_by_a_hand_off(cluster):
         conn.send(get(channel, 0, "Connection: close\r\n")
                   + f"OPTIONS {channel} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert conn.response()[0] == 200
-        assert conn.at_eof(), "Tornado answered a request after Connection: close"
+        assert conn.at_eof(), "a request after Connection: close was answered"
     finally:
         conn.close()
 
@@ -114,7 +119,7 @@ def test_connection_close_answer_says_close(cluster, kind):
     assert headers.get("connection", "").lower() == "close"
 
 
-# -- Request syntax the fast path accepts and Tornado (RFC 9112) refuses ---------------
+# -- Request syntax RFC 9112 refuses ----------------------------------------------------
 
 def test_request_without_host_is_refused(cluster):
     """HTTP/1.1 without ``Host`` is a 400 (RFC 9112 §3.2; Tornado answers 400), and
@@ -202,11 +207,11 @@ def test_last_message_sequence_with_thousands_of_digits_is_400(cluster):
     assert one_answer(cluster, raw.encode()) == 400
 
 
-# -- What stays on the fast path -------------------------------------------------------
+# -- Bodies ------------------------------------------------------------------------------
 
-def test_publish_whose_body_arrives_in_later_reads_stays_on_the_fast_path(cluster):
-    """A PUT within the limit whose body takes several reads is a fast-path publish
-    (fastpath.py's contract); it does not hand the connection to Tornado for good."""
+def test_publish_whose_body_arrives_in_later_reads(cluster):
+    """A PUT within the limit whose body takes several reads is published by the edge's
+    own connection, which then serves the next request."""
     channel = fresh()
     body = b"b" * (1024 * 1024)  # more than one read of the transport
     conn = Conn(cluster)
@@ -234,15 +239,15 @@ def _kernel_queues(local_port: int, remote_port: int) -> tuple:
     return 0, 0
 
 
-def test_client_reset_during_a_deferred_hand_off_is_not_counted_open(fresh_cluster):
+def test_client_reset_while_its_answer_is_queued_is_not_counted_open(fresh_cluster):
     """A client that resets its connection while its answer is still queued in the
-    edge and the next request waits to be handed to Tornado is no longer counted in
-    the ``connections`` gauge of /metrics@firehose."""
+    edge and its next request waits is no longer counted in the ``connections`` gauge
+    of /metrics@firehose."""
     cluster = fresh_cluster
     channel = fresh()
     # An answer a few KB larger than what the kernel buffers of a loopback connection
     # take with a 2 KB receive buffer (2177024 bytes): the rest stays queued in the
-    # edge, under its low-water mark, so the next request's hand-off is deferred.
+    # edge, under its low-water mark, so the next request waits.
     published(cluster, channel, b"z" * (2177024 + 8000))
     before = open_connections(cluster)
     conn = Conn(cluster, rcvbuf=2048)

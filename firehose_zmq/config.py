@@ -66,6 +66,7 @@ class EdgeConfig:
     ws_ping_timeout_s: float = 20.0  # ... a socket without a pong this long after one is closed
     ws_max_frame_bytes: int = 1024 * 1024  # a larger client frame closes the socket (1009)
     stream_queue_limit_bytes: int = 4 * 1024 * 1024  # a reader further behind is disconnected
+    ws_max_frames_per_s: int = 100  # client frames a WebSocket may send (bursts of 10 s' worth)
     stream_max_channels: int = 1000  # channels one subscription may name (any transport)
     sse_keepalive_s: float = 15.0  # a comment line this often keeps idle event streams open
     sse_retry_ms: int = 2000  # the reconnect delay sent to browsers (EventSource "retry:")

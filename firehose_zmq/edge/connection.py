@@ -191,13 +191,13 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
             loop = asyncio.get_running_loop()
             task = loop.create_task(loop.connect_accepted_socket(
                 lambda: Connection(self, address), sock))
-            task.add_done_callback(self._started)
+            task.add_done_callback(self._set_up)
         else:
             self.serve_with_tornado(tornado.iostream.IOStream(
                 sock, max_buffer_size=self.max_buffer_size,
                 read_chunk_size=self.read_chunk_size), address)
 
-    def _started(self, task) -> None:
+    def _set_up(self, task) -> None:
         if task.cancelled() or task.exception() is not None:
             # The client was gone before its connection was set up.
             self.edge.metrics.connection_closed(time.time())

@@ -288,6 +288,10 @@ class WebSocket(_Session):
         self._closing = False
         self._grace = None  # cuts a closing handshake the client does not finish
         self._heard = time.monotonic()
+        # A token bucket of client frames: ws_max_frames_per_s, bursts of ten seconds' worth.
+        self._frame_rate = config.ws_max_frames_per_s
+        self._frame_burst = 10 * config.ws_max_frames_per_s
+        self._frame_tokens = float(self._frame_burst)
         self._pinger = asyncio.get_running_loop().call_later(
             self._ping_interval_s, self._ping) if self._ping_interval_s > 0 else None
         if subscriptions:
@@ -296,14 +300,21 @@ class WebSocket(_Session):
     # -- frames in ---------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        self._heard = time.monotonic()
+        now = time.monotonic()
+        self._frame_tokens = min(self._frame_burst, self._frame_tokens
+                                 + (now - self._heard) * self._frame_rate)
+        self._heard = now
         for event in self._reader.feed(data):
+            if not self._closing:
+                self._frame_tokens -= 1
+                if self._frame_tokens < 0:
+                    self._too_many_frames()  # what follows waits for its closing frame
             kind = type(event)
             if kind is websocket.Text or kind is websocket.Binary:
                 if not self._closing:
                     self._inbox.append(event[0])
             elif kind is websocket.Ping:
-                self._send_raw(websocket.encode_pong(event.payload))
+                self._send_raw(websocket.encode_pong(event.payload))  # not once closing
             elif kind is websocket.Close:
                 if self._closing:  # the answer to our close: the handshake is done
                     self.gone()
@@ -362,6 +373,13 @@ class WebSocket(_Session):
             self.send(events.subscription_failed_frame(result.reason))
         else:
             self.count_bad_frame(result.reason)
+
+    def _too_many_frames(self) -> None:
+        self.count_bad_frame("too many frames")
+        log.info("closing a WebSocket from %s: more than %d frames a second", self.peer,
+                 self._frame_rate)
+        self.close(websocket.CLOSE_POLICY_VIOLATION, "the client sends too many frames")
+        self.conn.pause_reading_for_stream()  # nothing more is read; the grace period ends it
 
     def count_bad_frame(self, reason: str) -> None:
         self.edge.metrics.incr(time.time(), "websocket_bad_frames")

@@ -363,9 +363,15 @@ class NchanServer(ManagedServer):
             if "Address already in use" in self.log_tail() + self._error_log():
                 raise PortTaken(f"nchan: port {self.port} was taken") from None
             raise ServerError(f"nginx did not start: {self.log_tail(5)} {self._error_log()}") from None
-        status, _, body = http("POST", f"{self.url}/pub?id=bench-probe", b"ready")
-        if not 200 <= status < 300:
-            raise ServerError(f"nchan answered {status} {body[:200]!r} to a probe publish")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            status, _, body = http("POST", f"{self.url}/pub?id=bench-probe", b"ready")
+            if 200 <= status < 300:
+                break
+            # 503 while Nchan is still connecting to its Redis
+            if status != 503 or time.monotonic() > deadline:
+                raise ServerError(f"nchan answered {status} {body[:200]!r} to a probe publish")
+            time.sleep(0.05)
         self.pids()
 
     def storage_config(self) -> dict:

@@ -305,7 +305,7 @@ class Runner:
                      "hot_args": list(row.hot_args) if row.hot_args else None,
                      "runs": {s: [] for s in servers}, "status": {}}
             if row.transport != "long-poll":
-                entry["note"] = "the nchan column is Nchan's long-poll fan-out at the same size"
+                entry["note"] = "the nchan columns are Nchan's long-poll fan-out at the same size"
             doc["scenarios"].append(entry)
             for rep in range(repeats):
                 for server_name in servers:

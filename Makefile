@@ -1,5 +1,6 @@
 # firehose-zmq: `make run` starts a local cluster, `make test` runs every test,
-# `make bench` measures it beside Nchan (BENCH_QUICK=1 for a short smoke run).
+# `make bench` measures it beside Nchan, in memory and on Redis (BENCH_QUICK=1 for a
+# short smoke run).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -30,7 +31,8 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 # Options via the environment: BENCH_QUICK=1, BENCH_REPEATS, BENCH_DURATION,
-# BENCH_ONLY (regex on scenario keys), BENCH_SERVERS, BENCH_OUT, BENCH_DURABILITY;
+# BENCH_ONLY (regex on scenario keys), BENCH_SERVERS, BENCH_OUT, BENCH_DURABILITY,
+# BENCH_COMMIT_WINDOW_MS;
 # see bench/run.py.
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py

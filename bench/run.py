@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
-"""make bench: firehose-zmq beside Nchan in one run (issue 5).
+"""make bench: firehose-zmq beside Nchan, in memory and on Redis, in one run.
 
-For every scenario (scenarios.py), for every repeat, for each server (firehose-zmq,
-then Nchan when installed) this starts a fresh server on free loopback ports, drives
-lpbench.py against it in a subprocess, and stops the server; then it prints a table
-of medians with the ratio ours/Nchan, and writes every figure to
-``<out>/<timestamp>.json``, a chart to ``<out>/<timestamp>.png`` and the logs to
-``<out>/<timestamp>/``. Every run is bounded in time; every process it started is
-stopped by pid (or by the process group it created) on success, error, Ctrl-C or
-SIGTERM.
+For every scenario (scenarios.py), for every repeat, for each server this starts a
+fresh server on free loopback ports, drives lpbench.py against it in a subprocess,
+and stops the server; then it prints a table of medians with the ratios, and writes
+every figure to ``<out>/<timestamp>.json``, a chart to ``<out>/<timestamp>.png`` and
+the logs to ``<out>/<timestamp>/``. Every run is bounded in time; every process it
+started is stopped by pid (or by the process group it created) on success, error,
+Ctrl-C or SIGTERM.
+
+The servers: firehose-zmq in each durability mode of ``--durability`` (rows marked
+``per_mode``; the others in the most durable mode listed), each beside the Nchan
+that keeps messages as durably (report.peer_of: in-memory Nchan for ``memory``,
+Nchan + Redis ``appendfsync everysec`` for ``async``, ``always`` for ``sync``), and
+in-memory Nchan on every row. A peer whose software is missing is left out, and
+the harness says so.
 
 Exit code: 0 when every firehose-zmq run completed with nothing lost, duplicated or
 failed; 1 otherwise; 2 when the harness could not run at all; 130 on Ctrl-C.
 Environment defaults for the options: BENCH_QUICK=1, BENCH_REPEATS, BENCH_DURATION,
-BENCH_ONLY, BENCH_SERVERS, BENCH_OUT, BENCH_PROFILE=1, BENCH_DURABILITY.
+BENCH_ONLY, BENCH_SERVERS, BENCH_OUT, BENCH_PROFILE=1, BENCH_DURABILITY,
+BENCH_COMMIT_WINDOW_MS.
 """
 
 import argparse
@@ -32,7 +39,7 @@ from pathlib import Path
 import lpbench
 import report
 import scenarios
-from servers import FirehoseServer, NchanServer, ServerError
+from servers import FirehoseServer, NchanRedisServer, NchanServer, ServerError
 
 HERE = Path(__file__).resolve().parent
 LPBENCH = HERE / "lpbench.py"
@@ -53,7 +60,7 @@ class Progress:
         self.done += 1
         elapsed = int(time.monotonic() - self.t0)
         self.stream.write(f"[{self.done:>3}/{self.total} {elapsed // 60:02d}:{elapsed % 60:02d}] "
-                          f"{server:<12} {title} (run {rep + 1}/{repeats}) ...\n")
+                          f"{server:<20} {title} (run {rep + 1}/{repeats}) ...\n")
         self.stream.flush()
 
     def note(self, text: str) -> None:
@@ -198,19 +205,43 @@ def process_names(pids: list) -> dict:
 class Runner:
     """Runs the plan: every scenario x repeat x server, each on a fresh server."""
 
-    def __init__(self, options, rows: list, servers: list, log_dir: Path):
+    def __init__(self, options, rows: list, kinds: list, log_dir: Path):
         self.options = options
         self.rows = rows
-        self.servers = servers
+        self.kinds = kinds  # the kinds of server available and asked for (run.KINDS)
         self.log_dir = log_dir
         self.lpbench_log = log_dir / "lpbench.log"
         self.active: list = []  # lpbench runs in flight, killed on the way out
 
-    def make_server(self, name: str, run_dir: Path):
-        if name == report.OURS:
+    def modes_for(self, row) -> list:
+        """Our durability modes for ``row``: every one asked for, or the most durable."""
+        if report.OURS not in self.kinds:
+            return []
+        modes = self.options.durability
+        return list(modes) if row.per_mode else [modes[-1]]
+
+    def servers_for(self, row) -> list:
+        """The servers of ``row``, in column order: ours per mode, each mode's peer,
+        in-memory Nchan on every row."""
+        modes = self.modes_for(row)
+        wanted = [report.ours(m) for m in modes]
+        if report.PEER in self.kinds:
+            wanted.append(report.PEER)
+        for mode in modes:
+            peer = report.peer_of(mode)
+            if peer != report.PEER and report.REDIS_PEER in self.kinds:
+                wanted.append(peer)
+        return report.server_order(wanted)
+
+    def make_server(self, label: str, run_dir: Path):
+        if report.is_ours(label):
             return FirehoseServer(run_dir, workers=self.options.workers,
-                                  durability=self.options.durability)
-        return NchanServer(run_dir, workers=self.options.nchan_workers)
+                                  durability=report.mode_of(label),
+                                  commit_window_ms=self.options.commit_window_ms, label=label)
+        if label == report.PEER:
+            return NchanServer(run_dir, workers=self.options.nchan_workers)
+        fsync = label[len(report.REDIS_PEER) + 1:]
+        return NchanRedisServer(run_dir, fsync, workers=self.options.nchan_workers, label=label)
 
     def lpbench(self, row, kind: str, args: tuple, proto: str, server, timeout_s: float):
         argv = [sys.executable, str(LPBENCH), kind, *args, "--proto", proto, "--url", server.url,
@@ -254,24 +285,30 @@ class Runner:
                 self.active.clear()
             result["rss_kb_after"] = lpbench.mem_kb(server.pids())["rss_kb"]
             result["server_processes"] = len(server.pids())
-            return {"figures": scenarios.figures(row.kind, result, row.metric), "result": result}
+        figures = scenarios.figures(row.kind, result, row.metric)
+        if isinstance(server, FirehoseServer):
+            result["store"] = server.store_counts()  # its workers log them as they stop
+            figures["publishes_per_commit"] = result["store"]["publishes_per_commit"]
+        return {"figures": figures, "result": result}
 
     def run(self, doc: dict, progress: Progress) -> None:
         """Fill ``doc["scenarios"]`` row by row (so a partial run is still reportable)."""
         repeats = self.options.repeats
         for row in self.rows:
+            servers = self.servers_for(row)
             entry = {"key": row.key, "title": row.title, "kind": row.kind,
-                     "transport": row.transport, "metric": row.metric, "target": row.target,
+                     "transport": row.transport, "metric": row.metric,
+                     "targets": dict(row.targets), "modes": self.modes_for(row),
                      "baseline": row.baseline, "counts": row.counts, "duration_s": row.duration_s,
                      "args": list(row.args),
                      "nchan_args": list(row.nchan_args) if row.nchan_args else None,
                      "hot_args": list(row.hot_args) if row.hot_args else None,
-                     "runs": {s: [] for s in self.servers}, "status": {}}
+                     "runs": {s: [] for s in servers}, "status": {}}
             if row.transport != "long-poll":
-                entry["note"] = "the nchan column is Nchan's long-poll fan-out at the same size"
+                entry["note"] = "the nchan columns are Nchan's long-poll fan-out at the same size"
             doc["scenarios"].append(entry)
             for rep in range(repeats):
-                for server_name in self.servers:
+                for server_name in servers:
                     if entry["status"].get(server_name, "ok") != "ok":
                         progress.done += 1
                         continue
@@ -304,14 +341,20 @@ def parse_args(argv):
                    help="seconds of measurement per run (default 10, quick 2)")
     p.add_argument("--only", default=env.get("BENCH_ONLY", ""),
                    help="regex on scenario keys, e.g. 'publish|fanout_lp_1000' (BENCH_ONLY)")
-    p.add_argument("--servers", default=env.get("BENCH_SERVERS", "firehose-zmq,nchan"),
-                   help="comma-separated: firehose-zmq, nchan (BENCH_SERVERS)")
+    p.add_argument("--servers", default=env.get("BENCH_SERVERS", ",".join(KINDS)),
+                   help="comma-separated: firehose-zmq, nchan (in memory), nchan-redis "
+                        "(BENCH_SERVERS)")
     p.add_argument("--out", default=env.get("BENCH_OUT", "bench-results"),
                    help="directory for the JSON, PNG and logs (BENCH_OUT)")
     p.add_argument("--workers", type=int, default=2, help="firehose-zmq workers (make run: 2)")
-    p.add_argument("--durability", choices=["sync", "async", "memory"],
-                   default=env.get("BENCH_DURABILITY", "sync"),
-                   help="firehose-zmq's [storage] durability (make run: sync; BENCH_DURABILITY)")
+    p.add_argument("--durability", default=env.get("BENCH_DURABILITY", ",".join(report.MODES)),
+                   help="firehose-zmq's [storage] durability modes, comma-separated: the "
+                        "publish and channels rows run in each, the others in the most "
+                        "durable (default memory,async,sync; BENCH_DURABILITY)")
+    p.add_argument("--commit-window-ms", type=int,
+                   default=int(env.get("BENCH_COMMIT_WINDOW_MS", "0")),
+                   help="firehose-zmq's [storage] commit_window_ms (default 0; "
+                        "BENCH_COMMIT_WINDOW_MS)")
     p.add_argument("--nchan-workers", type=int, default=1, help="nginx worker processes")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
     p.add_argument("--profile", action="store_true", default=env.get("BENCH_PROFILE", "") not in ("", "0"),
@@ -325,21 +368,33 @@ def parse_args(argv):
         options.duration = 2.0 if options.quick else 10.0
     if options.repeats < 1 or options.duration <= 0:
         p.error("--repeats must be >= 1 and --duration > 0")
+    modes = {m.strip() for m in options.durability.split(",") if m.strip()}
+    if not modes or modes - set(report.MODES):
+        p.error(f"--durability takes {', '.join(report.MODES)}, not {options.durability!r}")
+    options.durability = [m for m in report.MODES if m in modes]  # least to most durable
+    if options.commit_window_ms < 0:
+        p.error("--commit-window-ms must be >= 0")
     return options
 
 
+KINDS = (report.OURS, report.PEER, report.REDIS_PEER)
+
+
 def choose_servers(options, say) -> list:
-    """The servers to run, in column order; Nchan dropped (with the reason) if missing."""
+    """The kinds of server to run (KINDS order); a peer whose software is missing is
+    dropped, and the harness says which and why."""
     wanted = [s.strip() for s in options.servers.split(",") if s.strip()]
-    unknown = set(wanted) - {report.OURS, report.PEER}
+    unknown = set(wanted) - set(KINDS)
     if unknown or not wanted:
-        raise SystemExit(f"bench: unknown server(s) {sorted(unknown)}; use firehose-zmq, nchan")
-    if report.PEER in wanted:
-        ok, why = NchanServer.available()
-        if not ok:
-            say(f"bench: Nchan not available ({why}): running firehose-zmq alone")
-            wanted.remove(report.PEER)
-    return [s for s in (report.OURS, report.PEER) if s in wanted]
+        raise SystemExit(f"bench: unknown server(s) {sorted(unknown)}; use "
+                         f"{', '.join(KINDS)}")
+    for kind, server in ((report.PEER, NchanServer), (report.REDIS_PEER, NchanRedisServer)):
+        if kind in wanted:
+            ok, why = server.available()
+            if not ok:
+                say(f"bench: {kind} not available ({why}): running without it")
+                wanted.remove(kind)
+    return [s for s in KINDS if s in wanted]
 
 
 def git_commit() -> str:
@@ -366,7 +421,7 @@ def exit_code(doc: dict, say) -> int:
                 bad.append((server, row["key"], problem))
     for server, key, problem in bad:
         say(f"bench: {server} {key}: {problem}")
-    return 1 if any(server == report.OURS for server, _, _ in bad) else 0
+    return 1 if any(report.is_ours(server) for server, _, _ in bad) else 0
 
 
 def main(argv=None) -> int:
@@ -382,7 +437,7 @@ def main(argv=None) -> int:
         for r in scenarios.build(sizes):
             print(f"{r.key:<20} {r.title}")
         return 0 if options.list else 2
-    servers = choose_servers(options, say)
+    kinds = choose_servers(options, say)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # servers inherit it
     if hard < 12000:
@@ -394,15 +449,19 @@ def main(argv=None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     doc = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None,
                     "complete": False, "quick": options.quick, "repeats": options.repeats,
-                    "duration_s": options.duration, "servers": servers,
+                    "duration_s": options.duration, "servers": None,
                     "firehose_workers": options.workers, "nchan_workers": options.nchan_workers,
                     "firehose_durability": options.durability,
+                    "commit_window_ms": options.commit_window_ms,
+                    "peers": {m: report.peer_of(m) for m in report.MODES},
                     "commit": git_commit(), "python": platform.python_version(),
                     "uvloop": lpbench.uvloop is not None, "cpus": os.cpu_count(),
                     "loadavg_at_start": os.getloadavg(), "logs": str(log_dir)},
            "scenarios": []}
-    runner = Runner(options, rows, servers, log_dir)
-    progress = Progress(len(rows) * options.repeats * len(servers))
+    runner = Runner(options, rows, kinds, log_dir)
+    servers = report.server_order(s for row in rows for s in runner.servers_for(row))
+    doc["meta"]["servers"] = servers
+    progress = Progress(sum(len(runner.servers_for(row)) for row in rows) * options.repeats)
     say(f"bench: {len(rows)} scenarios x {options.repeats} run(s) x {', '.join(servers)}; "
         f"logs in {log_dir}")
 

@@ -1,8 +1,9 @@
-"""The scenarios of issue 5 as lpbench invocations, and how each is summarised.
+"""The scenarios of issues 5 and 16 as lpbench invocations, and how each is summarised.
 
 A ``Scenario`` is pure data: the lpbench arguments for a given size (full or quick),
-which transport each server uses, the headline figure and its target ratio. The
-runner (run.py) executes them; report.py turns the results into a table and chart.
+which transport each server uses, whether it runs in every durability mode, the
+headline figure and its target ratios. The runner (run.py) executes them;
+report.py turns the results into a table and chart.
 """
 
 from dataclasses import dataclass, field
@@ -45,7 +46,10 @@ class Scenario:
     alongside; ``baseline`` names the row whose p99 this row's p99 is compared with.
     ``metric``: "cpu" (server CPU us per operation), "bytes" (per idle connection),
     "p99" (latency only: the isolation rows' CPU includes the hot load, so it is not
-    shown) or "p99_rise"; ``target``: the issue's ratio, None if it sets none."""
+    shown) or "p99_rise"; ``per_mode``: the row runs in every durability mode asked
+    for (rows where every delivery is a publish, so storage is the cost), else in
+    the most durable one only; ``targets``: the issue's ratios, keyed
+    ``"<mode>/<peer>"`` (``*`` for any), see report.target_for."""
 
     key: str
     title: str
@@ -54,7 +58,8 @@ class Scenario:
     duration_s: float
     transport: str = "long-poll"
     metric: str = "cpu"
-    target: Optional[float] = None
+    targets: dict = field(default_factory=dict)
+    per_mode: bool = False
     nchan_args: Optional[tuple] = None
     hot_args: Optional[tuple] = None
     baseline: Optional[str] = None
@@ -77,37 +82,41 @@ def _n(x: int) -> str:
 
 
 def build(sizes: Sizes) -> list:
-    """Every scenario of issue 5 at the given sizes, in report order."""
+    """Every scenario at the given sizes, in report order."""
     d = sizes.duration_s
     dur = ("-T", f"{d:g}")
     procs = ("--procs", "2")
     rows = [Scenario(
         "publish", f"a) publish, {sizes.publish_conns} conns, {sizes.publish_channels} ch",
         "publish", ("-P", str(sizes.publish_conns), "-C", str(sizes.publish_channels)) + dur + procs,
-        d, target=2.5, counts={"pub_conns": sizes.publish_conns, "channels": sizes.publish_channels})]
+        d, per_mode=True, counts={"pub_conns": sizes.publish_conns,
+                                  "channels": sizes.publish_channels},
+        targets={"memory/nchan": 3.0, "async/nchan-redis-everysec": 0.5,
+                 "sync/nchan-redis-always": 1.0})]
     for n in sizes.fanout:
         t = d * 1.5 if n >= 5000 else d
         rows.append(Scenario(
             f"fanout_lp_{n}", f"b) fan-out 1 ch -> {_n(n)} long-poll", "fanout",
             ("-S", str(n), "-W", "1", "-T", f"{t:g}") + procs, t,
-            target=2.0 if n == 1000 else None, counts={"subs": n}))
+            targets={"*/nchan": 1.0} if n == 1000 else {}, counts={"subs": n}))
     for n in sizes.channels:
         rows.append(Scenario(
             f"channels_{n}", f"c) {_n(n)} ch x 1 long-poll", "channels",
             ("-S", str(n), "-W", "500", "-P", "4") + dur + procs, d,
-            target=2.5 if n == 5000 else None, counts={"channels": n}))
+            per_mode=True, counts={"channels": n},
+            targets={"sync/nchan": 4.0, "sync/nchan-redis-always": 1.0} if n == 5000 else {}))
     rows.append(Scenario(
         f"idle_{sizes.idle_conns}", f"d) idle, {_n(sizes.idle_conns)} held long-polls", "idle",
         ("-S", str(sizes.idle_conns), "--src-addrs", "4", "-P", "4", "--settle",
          f"{sizes.idle_settle_s:g}") + procs, sizes.idle_settle_s * 2 + 10,
-        metric="bytes", target=1.0, counts={"conns": sizes.idle_conns}))
+        metric="bytes", targets={"*/nchan": 1.0}, counts={"conns": sizes.idle_conns}))
     for transport, label in (("ws", "WebSocket"), ("sse", "SSE")):
         for n in sizes.stream_fanout:
             t = d * 1.5 if n >= 5000 else d
             args = ("-S", str(n), "-W", "1", "-T", f"{t:g}") + procs
             rows.append(Scenario(
                 f"fanout_{transport}_{n}", f"e) fan-out 1 ch -> {_n(n)} {label}", "fanout",
-                args, t, transport=transport, target=1.0, nchan_args=args,
+                args, t, transport=transport, targets={"*/nchan": 1.0}, nchan_args=args,
                 counts={"subs": n}))
     quiet = ("-S", str(sizes.quiet_channels), "-R", f"{sizes.quiet_rate:g}", "-P", "2") + dur + procs
     # the hot channel: 8 connections publishing to it as fast as the server answers,
@@ -118,7 +127,7 @@ def build(sizes: Sizes) -> list:
         metric="p99", counts={"channels": sizes.quiet_channels, "rate": sizes.quiet_rate}))
     rows.append(Scenario(
         "isolation_hot", f"f) {sizes.quiet_channels} quiet ch + 1 hot ch", "channels", quiet, d,
-        metric="p99_rise", target=1.25, hot_args=hot, baseline="isolation_alone",
+        metric="p99_rise", targets={"*/*": 1.25}, hot_args=hot, baseline="isolation_alone",
         counts={"channels": sizes.quiet_channels, "rate": sizes.quiet_rate, "hot_pub_conns": 8}))
     return rows
 

@@ -1,12 +1,20 @@
-"""The servers under test: a local firehose-zmq cluster and the Nchan peer.
+"""The servers under test: a local firehose-zmq cluster and the Nchan peers.
 
 Each server is started on free loopback ports in its own session (so a Ctrl-C on
 the terminal reaches only the harness), reports the pids whose CPU time and RSS
 count as "server" (``pids()``), and is stopped by pid, escalating to SIGKILL of the
 processes it started, whatever happened before. Use them as context managers.
+
+``FirehoseServer`` runs ``firehose-cluster`` in one durability mode; after it stops,
+``store_counts()`` reads from its workers' shutdown lines how many publishes and
+store commits they made. ``NchanServer`` keeps messages in nginx's shared memory;
+``NchanRedisServer`` also starts a ``redis-server`` of its own (AOF on, fsync
+``always`` or ``everysec``) and stores Nchan's messages there, so its server CPU
+is nginx's and Redis's together.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -175,6 +183,11 @@ class ManagedServer:
         self.process = None
 
 
+# what a worker logs when it stops (worker/server.py main)
+STOPPED_LINE = re.compile(r"worker (\S+) stopped[^:]*: \d+ requests, (\d+) published, .*?"
+                          r"(\d+) store commits")
+
+
 class FirehoseServer(ManagedServer):
     """A firehose-zmq cluster as ``make run`` starts it (firehose-cluster: workers and
     one edge), configured by a generated TOML file on free loopback ports."""
@@ -183,9 +196,11 @@ class FirehoseServer(ManagedServer):
     proto = "firehose"
 
     def __init__(self, run_dir: Path, workers: int = 2, long_poll_timeout_s: float = 30.0,
-                 durability: str = "sync"):
+                 durability: str = "sync", commit_window_ms: int = 0, label: str = None):
         super().__init__(run_dir)
         self.durability = durability
+        self.commit_window_ms = commit_window_ms
+        self.name = label or self.name
         self.worker_ids = [f"w{i + 1}" for i in range(workers)]
         self.long_poll_timeout_s = long_poll_timeout_s
         self.config_path = self.run_dir / "cluster.toml"
@@ -210,7 +225,8 @@ class FirehoseServer(ManagedServer):
                   # A store of this run's own: the checkout's var/ holds make run's
                   # channels and every earlier run's, which the workers would load.
                   "[storage]", f'data_dir = "{self.run_dir / "data"}"',
-                  f'durability = "{self.durability}"']
+                  f'durability = "{self.durability}"',
+                  f"commit_window_ms = {self.commit_window_ms}"]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def stop(self) -> None:
@@ -243,6 +259,18 @@ class FirehoseServer(ManagedServer):
         if status != 202:
             raise ServerError(f"firehose-zmq answered {status} {body[:200]!r} to a probe publish")
         self.pids()
+
+    def store_counts(self) -> dict:
+        """Publishes and store commits of every worker, from the lines they log when they
+        stop (call after ``stop()``): ``{"published", "commits", "publishes_per_commit"}``,
+        the last None without commits (``memory``) or when a worker's line is missing."""
+        found = STOPPED_LINE.findall(self.log_text())
+        published = sum(int(p) for _, p, _ in found)
+        commits = sum(int(c) for _, _, c in found)
+        complete = len({w for w, _, _ in found}) == len(self.worker_ids)
+        return {"published": published, "commits": commits,
+                "publishes_per_commit": (round(published / commits, 2)
+                                         if complete and commits else None)}
 
     def pids(self) -> list:
         if self.process is None:
@@ -302,10 +330,11 @@ class NchanServer(ManagedServer):
     name = "nchan"
     proto = "nchan"
 
-    def __init__(self, run_dir: Path, workers: int = 1):
+    def __init__(self, run_dir: Path, workers: int = 1, label: str = None):
         super().__init__(run_dir)
         self.workers = workers
         self.nginx_dir = self.run_dir / "nchan"
+        self.name = label or self.name
 
     @staticmethod
     def available() -> tuple:
@@ -323,7 +352,8 @@ class NchanServer(ManagedServer):
         self.nginx_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.nginx_dir, 0o755)
         conf = (HERE / "nchan.conf").read_text().format(
-            run_dir=self.nginx_dir, port=self.port, workers=self.workers)
+            run_dir=self.nginx_dir, port=self.port, workers=self.workers,
+            **self.storage_config())
         conf_path = self.nginx_dir / "nginx.conf"
         conf_path.write_text(conf)
         self._spawn([shutil.which("nginx"), "-p", str(self.nginx_dir), "-e",
@@ -334,10 +364,20 @@ class NchanServer(ManagedServer):
             if "Address already in use" in self.log_tail() + self._error_log():
                 raise PortTaken(f"nchan: port {self.port} was taken") from None
             raise ServerError(f"nginx did not start: {self.log_tail(5)} {self._error_log()}") from None
-        status, _, body = http("POST", f"{self.url}/pub?id=bench-probe", b"ready")
-        if not 200 <= status < 300:
-            raise ServerError(f"nchan answered {status} {body[:200]!r} to a probe publish")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            status, _, body = http("POST", f"{self.url}/pub?id=bench-probe", b"ready")
+            if 200 <= status < 300:
+                break
+            # 503 while Nchan is still connecting to its Redis
+            if status != 503 or time.monotonic() > deadline:
+                raise ServerError(f"nchan answered {status} {body[:200]!r} to a probe publish")
+            time.sleep(0.05)
         self.pids()
+
+    def storage_config(self) -> dict:
+        """nchan.conf's storage lines: none (nginx's shared memory)."""
+        return {"upstreams": "", "storage": ""}
 
     def _error_log(self) -> str:
         try:
@@ -354,3 +394,104 @@ class NchanServer(ManagedServer):
 
     def supports(self, transport: str) -> tuple:
         return True, "ok"
+
+
+REDIS_CONF = """# written by bench/servers.py for one run
+bind 127.0.0.1
+port {port}
+protected-mode yes
+daemonize no
+logfile ""
+dir {dir}
+save ""
+appendonly yes
+appendfsync {fsync}
+# no automatic rewrite: a forked child's CPU would escape the count (runs are short)
+auto-aof-rewrite-percentage 0
+"""
+
+
+class RedisServer(ManagedServer):
+    """``redis-server`` in the foreground with an append-only file (``appendfsync``
+    ``fsync``) in its run directory, nothing else persisted."""
+
+    name = "redis"
+    proto = "redis"
+
+    def __init__(self, run_dir: Path, fsync: str):
+        super().__init__(run_dir)
+        self.fsync = fsync
+        self.data_dir = self.run_dir / "redis"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ServerError("redis-server is not installed (apt-get install redis-server)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf_path = self.data_dir / "redis.conf"
+        conf_path.write_text(REDIS_CONF.format(port=self.port, dir=self.data_dir, fsync=self.fsync))
+        self._spawn([binary, str(conf_path)])
+        try:
+            wait_port(self.port, time.monotonic() + READY_TIMEOUT_S, self.process, "redis-server")
+        except ServerError:
+            if "Address already in use" in self.log_tail():
+                raise PortTaken(f"redis: port {self.port} was taken") from None
+            raise ServerError(f"redis-server did not start: {self.log_tail(5)}") from None
+        with socket.create_connection(("127.0.0.1", self.port), timeout=3) as s:
+            s.sendall(b"PING\r\n")
+            if not s.recv(64).startswith(b"+PONG"):
+                raise ServerError("redis-server did not answer PING")
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.data_dir / "appendonlydir", ignore_errors=True)  # logs are kept
+
+    def pids(self) -> list:
+        if self.process is None:
+            return []
+        self.remember([self.process.pid])
+        return [self.process.pid]
+
+
+class NchanRedisServer(NchanServer):
+    """Nchan storing its channels in a Redis of its own (``nchan_redis_pass``, Nchan's
+    default "distributed" storage mode): nginx's processes and ``redis-server`` count
+    as the server."""
+
+    name = "nchan-redis"
+
+    def __init__(self, run_dir: Path, fsync: str, workers: int = 1, label: str = None):
+        super().__init__(run_dir, workers, label)
+        self.fsync = fsync
+        self.redis = None
+
+    @staticmethod
+    def available() -> tuple:
+        ok, why = NchanServer.available()
+        if ok and shutil.which("redis-server") is None:
+            return False, "redis-server is not installed (apt-get install redis-server)"
+        return ok, why
+
+    def start(self) -> None:
+        ok, why = self.available()
+        if not ok:
+            raise ServerError(why)
+        self.redis = RedisServer(self.run_dir, self.fsync).__enter__()
+        super().start()
+
+    def storage_config(self) -> dict:
+        return {"upstreams": "upstream redis_store { nchan_redis_server redis://127.0.0.1:%d; }"
+                % self.redis.port,
+                "storage": "nchan_redis_pass redis_store;"}
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            if self.redis is not None:
+                self.redis.stop()
+                self.redis = None
+
+    def pids(self) -> list:
+        found = super().pids()
+        return found + (self.redis.pids() if self.redis is not None else [])

@@ -80,6 +80,7 @@ class EdgeConfig:
 
 
 DURABILITY_MODES = ("sync", "async", "memory")
+MAX_COMMIT_WINDOW_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ class StorageConfig:
     when a worker holds over a million) to answer a retry: an edge's own, which
     comes before its request timeout, so it must be at least twice ``[edge]
     request_timeout_s``, or a native client's (docs/native-zeromq.md).
+    ``commit_window_ms`` (``sync`` only): how long the store writer lets publishes
+    gather before a commit; each waits up to that much longer for its 202, and
+    fewer commits carry them (0, the default, commits as soon as one waits).
     """
 
     durability: str = "sync"
@@ -101,6 +105,7 @@ class StorageConfig:
     flush_interval_ms: int = 100
     publish_id_window_s: int = 600
     max_unflushed_ops: int = 50000
+    commit_window_ms: int = 0
 
 
 AUTH_MODES = ("open", "required")
@@ -336,6 +341,9 @@ def check_config(config: ClusterConfig) -> ClusterConfig:
         raise ConfigError(f"storage.publish_id_window_s ({storage.publish_id_window_s:g}) must be "
                           f"at least twice edge.request_timeout_s ({edge.request_timeout_s:g}): "
                           "an edge retries a publish until its request timeout")
+    if storage.commit_window_ms * 2 >= edge.request_timeout_s * 1000:
+        raise ConfigError(f"storage.commit_window_ms ({storage.commit_window_ms:g}) must be below "
+                          f"half of edge.request_timeout_s ({edge.request_timeout_s:g} s)")
     for where, address in [("admin.bind", config.admin.bind)] + [
             (f"workers.{w.id}.admin", w.admin) for w in config.workers]:
         if address:
@@ -483,6 +491,8 @@ def check_storage(storage: StorageConfig) -> StorageConfig:
         raise ConfigError("storage.publish_id_window_s must be positive")
     if storage.max_unflushed_ops < 1:
         raise ConfigError("storage.max_unflushed_ops must be at least 1")
+    if not 0 <= storage.commit_window_ms <= MAX_COMMIT_WINDOW_MS:
+        raise ConfigError(f"storage.commit_window_ms must be from 0 to {MAX_COMMIT_WINDOW_MS}")
     return storage
 
 

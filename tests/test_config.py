@@ -46,6 +46,10 @@ def test_example_config_loads():
     ("[storage]\npublish_id_window_s = 0\n", "must be positive"),
     ("[edge]\nrequest_timeout_s = 8\n[storage]\npublish_id_window_s = 10\n",
      "at least twice edge.request_timeout_s"),
+    ("[storage]\ncommit_window_ms = 1001\n", "from 0 to 1000"),
+    ("[storage]\ncommit_window_ms = -1\n", "non-negative integer"),
+    ("[edge]\nrequest_timeout_s = 1\n[storage]\ncommit_window_ms = 500\npublish_id_window_s = 10\n",
+     "below half of edge.request_timeout_s"),
 ])
 def test_bad_files_are_refused(tmp_path, text, message):
     workers = ("[[workers]]\nid='w1'\nrouter_bind='tcp://127.0.0.1:1'\n"

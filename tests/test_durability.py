@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 import signal
 import threading
 import time
@@ -183,6 +184,46 @@ def test_publish_in_flight_is_resent_when_the_worker_comes_back(tmp_path):
         assert publish(cluster, channel, b"three").header("X-Firehose-Sequence") == "3"
         assert json.loads(poll(cluster, channel, 1).body) == {"message": "two",
                                                               "last_sequence": 2}
+
+
+def publish_concurrently(cluster, channels, rounds):
+    """Each channel's publisher sends ``rounds`` publishes, each after the last one's 202;
+    the publishers run side by side. Returns every publisher's sequences."""
+    def publisher(channel):
+        return [publish(cluster, channel, f"m{i}".encode()).header("X-Firehose-Sequence")
+                for i in range(1, rounds + 1)]
+    running = [InBackground(lambda c=c: publisher(c)) for c in channels]
+    return [r.result(30.0) for r in running]
+
+
+def test_commit_window_acknowledges_only_committed_publishes_and_shares_commits(tmp_path):
+    """With a commit window a 202 still means committed (a SIGKILL right after the last
+    202s loses none of them), and the publishes that arrive within one window share
+    one commit."""
+    with Cluster(tmp_path, storage_config="commit_window_ms = 200") as cluster:
+        rounds = 5
+        channels = [fresh("w1") for _ in range(4)]
+        expected = [[str(i) for i in range(1, rounds + 1)]] * len(channels)
+        assert publish_concurrently(cluster, channels, rounds) == expected
+        mark = len(cluster.edge.lines)
+        cluster.kill_worker("w1")  # within the next window: nothing acknowledged may be in it
+        cluster.start_worker("w1")
+        wait_log(cluster.edge, "worker w1 up", start=mark)
+        for channel in channels:
+            assert json.loads(poll(cluster, channel, rounds - 1).body) == {
+                "message": f"m{rounds}", "last_sequence": rounds}
+        channels = [fresh("w1") for _ in range(4)]
+        assert publish_concurrently(cluster, channels, rounds) == expected
+        worker = cluster.workers["w1"]
+        worker.signal(signal.SIGTERM)
+        assert worker.popen.wait(10) == 0
+        line = worker.lines[wait_log(worker, r"worker w1 stopped: .* store commits")]
+        published, commits = map(int, re.search(r"(\d+) published.* (\d+) store commits",
+                                                line).groups())
+        assert published == len(channels) * rounds
+        # 4 publishers wait for one commit, then publish again at once: a window holds
+        # each round's publishes (5 commits); without one they mostly commit apart
+        assert 1 <= commits <= published // 2, line
 
 
 def test_worker_sigterm_flushes_async_store(tmp_path):

@@ -162,6 +162,38 @@ def test_writer_failure_is_reported(path):
         context.term()
 
 
+def test_commit_window_gathers_the_batches_submitted_within_it_into_one_commit(path):
+    """With a window, batches submitted while it is open share the one commit after it."""
+    context = zmq.Context()
+    try:
+        writer = StoreWriter(Store(path), context, gather_s=0.5)
+        writer.start()
+        for seq in range(1, 11):
+            writer.submit([pub("/a", seq)])
+        wait_committed(writer, 10)
+        assert writer.stop(5.0) is True
+        assert writer.commits == 1
+        assert [c.seq for c in reopen(path)[1].channels] == [10]
+    finally:
+        context.term()
+
+
+def test_stop_ends_the_commit_window_and_commits_what_waits(path):
+    """A stop does not wait out the window: what is queued is committed, the file is clean."""
+    context = zmq.Context()
+    try:
+        writer = StoreWriter(Store(path), context, gather_s=60.0)
+        writer.start()
+        writer.submit([pub("/a", 1)])
+        writer.submit([pub("/a", 2)])
+        assert writer.stop(5.0) is True  # False if the writer still sat in its window
+        assert writer.commits == 1
+        snapshot = reopen(path)[1]
+        assert [c.seq for c in snapshot.channels] == [2] and snapshot.clean is True
+    finally:
+        context.term()
+
+
 def test_a_batch_leaves_what_one_commit_per_publish_leaves(tmp_path):
     """Publishes written together as one run store exactly what they store one by one,
     across buffer-size changes, new incarnations and deletes."""

@@ -164,8 +164,9 @@ class Worker:
         except BaseException:
             store.close(clean=False)
             raise
-        flush_s = storage.flush_interval_ms / 1000.0 if storage.durability == "async" else 0.0
-        self._writer = StoreWriter(store, self._context, flush_s)
+        gather_ms = (storage.flush_interval_ms if storage.durability == "async"
+                     else storage.commit_window_ms)
+        self._writer = StoreWriter(store, self._context, gather_ms / 1000.0)
         self._gated = storage.durability == "sync"
         self._writer.start()
         log.info("worker %s loaded %d channels (%d messages, %d publish ids, %d expired) from "

@@ -22,6 +22,13 @@ client can see (a 202, a sequence, a message) is ever lost by a crash. In
 ``async`` mode the loop answers at once and the writer commits at most every
 ``flush_interval_s``; a crash loses at most that interval's tail.
 
+When the writer wakes for a batch it first lets more gather for ``gather_s``
+(async: the flush interval; sync: the commit window, 0 by default), then takes
+everything queued and commits it once. A commit costs about the same for one
+publish as for a hundred (its fsync dominates), so what arrives while the
+previous commit runs, or within the window, shares the next one; ``commits``
+counts them, for ``published / commits``.
+
 Tables (primary key first)::
 
     meta        (key, value)                 schema version; clean = 1 after a clean stop
@@ -343,15 +350,17 @@ class StoreWriter:
 
     ``submit``, ``committed`` and ``stop`` are called from the loop thread only;
     ``notify_socket`` is the loop's end of the PAIR, to register with its poller.
-    ``flush_interval_s`` 0 commits as soon as a batch is waiting (sync mode).
+    ``gather_s``: how long batches gather after the first one before a commit
+    (async's flush interval, sync's commit window); 0 commits as soon as one waits.
+    ``commits`` is read by the loop thread after ``stop``.
     """
 
     _STOP = object()
 
-    def __init__(self, store: Store, context, flush_interval_s: float = 0.0):
+    def __init__(self, store: Store, context, gather_s: float = 0.0):
         self._store = store
         self._context = context
-        self._flush_interval_s = flush_interval_s
+        self._gather_s = gather_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._address = f"inproc://firehose-store-{id(self):x}"
         self.notify_socket = context.socket(zmq.PAIR)
@@ -450,9 +459,9 @@ class StoreWriter:
                     clean = True
                     break
                 batches = [item]
-                if self._flush_interval_s > 0:
-                    # async mode: let a flush interval's worth of batches gather
-                    self._stopping.wait(self._flush_interval_s)
+                if self._gather_s > 0:
+                    # a stop ends the wait: what is queued is committed at once
+                    self._stopping.wait(self._gather_s)
                 while True:
                     try:
                         more = self._queue.get_nowait()

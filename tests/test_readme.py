@@ -191,9 +191,9 @@ def run_config_commands(text, tmp_path):
                            (commands[4], ["edge listening", "edge listening"])):
         process = start(command)
         try:
-            index = -1
+            after = {}  # a line repeated (two edges) must appear twice; others in any order
             for line in ready:
-                index = process.wait_for(line, start=index + 1)
+                after[line] = process.wait_for(line, start=after.get(line, -1) + 1)
         finally:
             process.signal(signal.SIGTERM)
             assert process.popen.wait(30) == 0

@@ -77,6 +77,8 @@ class EdgeConfig:
     idle_timeout_s: float = 60.0  # a keep-alive connection with nothing in flight is closed
     max_json_depth: int = 32  # deeper JSON (a POST body, a WebSocket frame) is refused
     max_query_params: int = 64  # query parameters one request may carry
+    publish_rate_per_s: int = 0  # publishes per second per client address; 0: no limit
+    publish_burst: int = 0  # publishes a client may send at once (0: one second's worth)
 
 
 DURABILITY_MODES = ("sync", "async", "memory")

@@ -5,6 +5,7 @@ served meanwhile (README, "Limits")."""
 import json
 import os
 import socket
+import subprocess
 import time
 import uuid
 
@@ -243,3 +244,122 @@ def _cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_publishes_past_the_rate_limit_get_429(tmp_path):
+    """With publish_rate_per_s set, a client past its burst gets 429 and Retry-After;
+    it may publish again once its bucket refills; another client is not affected."""
+    config = "publish_rate_per_s = 20\npublish_burst = 5"
+    with Cluster(tmp_path, extra_config=config) as cluster:
+        channel = fresh()
+        with socket.create_connection(("127.0.0.1", cluster.http_port), timeout=5) as sock:
+            one = f"PUT {channel} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nm".encode()
+            sock.sendall(one * 10)
+            statuses = _statuses(sock, 10)
+        assert statuses == [202] * 5 + [429] * 5, statuses
+        assert request(cluster.url(channel)).status == 200  # reading is not limited
+        deadline = time.monotonic() + 3
+        while request(cluster.url(channel), "PUT", b"again").status != 202:
+            assert time.monotonic() < deadline, "the bucket never refilled"
+        log = cluster.edge.log_text()
+    assert "Traceback" not in log
+
+
+def _statuses(sock, count: int) -> list:
+    data = b""
+    statuses = []
+    while len(statuses) < count:
+        more = sock.recv(65536)
+        assert more, f"closed after {statuses}"
+        data += more
+        while b"\r\n\r\n" in data:
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(rest) < length:
+                break
+            statuses.append(int(head.split(b" ")[1]))
+            data = rest[length:]
+    return statuses
+
+
+def test_a_long_poll_on_a_thousand_channels_gets_the_last_ones_message(cluster):
+    """At the cap (stream_max_channels): a multiplexed long-poll on 1,000 channels is
+    set up and gets a publish to its 1,000th channel; a control client is served
+    meanwhile."""
+    base = fresh()
+    names = [f"{base}/{i}" for i in range(1000)]
+    query = ",".join(f"{name}!0" for name in names)
+    with socket.create_connection(("127.0.0.1", cluster.http_port), timeout=15) as sock:
+        sock.sendall(f"GET /channels@firehose?subscribe={query} HTTP/1.1\r\nHost: x\r\n\r\n"
+                     .encode())
+        assert served(cluster) < 2.0
+        deadline = time.monotonic() + 10
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            # The publish may come before the last subscription is set up: the poll
+            # still gets it (subscribe, then fetch).
+            assert request(cluster.url(names[-1]), "PUT", b"last").status == 202
+            sock.settimeout(0.5)
+            try:
+                answer += sock.recv(65536)
+            except socket.timeout:
+                pass
+            assert time.monotonic() < deadline, answer
+        while not answer.endswith(b"}"):
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["channel"] == names[-1]
+
+
+def test_out_of_descriptors_the_edge_backs_off_and_recovers(cluster, tmp_path):
+    """An edge whose descriptor limit is below its connection cap runs into EMFILE: it
+    stops accepting for a while instead of spinning, logs a few lines, and serves new
+    clients once connections close."""
+    from firehose_zmq.testing import free_port
+    from .cluster import BIN, Process
+    port = free_port()
+    config_path = tmp_path / "edge.toml"
+    config_path.write_text(cluster.config_path.read_text()
+                           .replace(cluster.native_pub, f"tcp://127.0.0.1:{free_port()}")
+                           .replace(cluster.native_router, f"tcp://127.0.0.1:{free_port()}")
+                           .replace(cluster.admin, f"127.0.0.1:{free_port()}")
+                           .replace("max_connections = 200", "max_connections = 5000"))
+    edge = Process("edge under prlimit", ["prlimit", "--nofile=160:160", str(BIN / "firehose-edge"),
+                                          "--config", str(config_path)],
+                   {**cluster.env, "PORT": str(port)})
+    held = []
+    try:
+        edge.wait_for("edge listening")
+        for worker_id in cluster.worker_ids:
+            edge.wait_for(f"worker {worker_id} up")
+        for _ in range(220):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        edge.wait_for("cannot accept connections")
+        cpu_before = _cpu_s(edge.popen.pid)
+        with pytest.raises(subprocess.TimeoutExpired):  # two seconds of the edge stuck
+            edge.popen.wait(timeout=2.0)
+        cpu = _cpu_s(edge.popen.pid) - cpu_before
+        for sock in held:
+            sock.close()
+        held = []
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if request(f"http://127.0.0.1:{port}{fresh()}", "PUT", b"m",
+                           timeout_s=2).status == 202:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the edge did not serve again"
+        log = edge.log_text()
+    finally:
+        for sock in held:
+            sock.close()
+        edge.stop()
+    assert cpu < 1.0, f"the edge spun for {cpu:.2f} s of CPU in 2 s"
+    assert "Traceback" not in log
+    assert log.count("cannot accept connections") <= 3

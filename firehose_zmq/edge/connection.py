@@ -563,9 +563,16 @@ class Connection(asyncio.Protocol):
             else:
                 self._execute(action, head)
             return
+        edge = self._edge
+        rates = edge.publish_rates
+        if rates.enabled and not rates.allow(self.peer, time.monotonic()):
+            edge.metrics.incr(time.time(), "publishes_rate_limited")
+            self._refuse(HttpError(429, "Too many publishes from this client: at most "
+                                        f"{rates.rate_per_s} a second",
+                                   (("Retry-After", "1"),)), self._extra)
+            return
         self._busy = True
-        self._edge.publish(action.channel, body, action.options).add_done_callback(
-            self._published)
+        edge.publish(action.channel, body, action.options).add_done_callback(self._published)
 
     def _execute(self, action, head) -> None:
         kind = type(action)

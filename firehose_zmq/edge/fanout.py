@@ -62,6 +62,7 @@ from .backend import BackendError, OwnerDown
 log = logging.getLogger("firehose.fanout")
 
 RECENT_SIZE = 64
+SETUP_BATCH = 100  # subscriptions a multiplexed long-poll sets up per loop turn
 RESYNC_IN_FLIGHT = 256  # re-sync fetches in flight at once, per edge
 
 
@@ -427,10 +428,18 @@ class Poll:
         self._listeners = [Listener(sub.channel, self._on_items, self._on_error, once=True)
                            for sub in subscriptions]
         timeouts.add(self)
-        for listener, sub in zip(self._listeners, subscriptions):
+        self._add(list(zip(self._listeners, subscriptions)))
+
+    def _add(self, pending: list) -> None:
+        """Subscribe ``pending`` (listener, subscription) pairs, ``SETUP_BATCH`` per
+        loop turn: a poll over many channels does not hold up other clients."""
+        batch, rest = pending[:SETUP_BATCH], pending[SETUP_BATCH:]
+        for listener, sub in batch:
             if self.done:
-                break
-            fanout.add(listener, sub.last_sequence)
+                return
+            self._fanout.add(listener, sub.last_sequence)
+        if rest and not self.done:
+            asyncio.get_running_loop().call_soon(self._add, rest)
 
     def _on_items(self, listener, items) -> None:
         self._end((listener.channel, items[0]), None)

@@ -26,6 +26,7 @@ from .connection import EdgeHTTPServer
 from .fanout import Fanout, Poll, Timeouts
 from .handlers import make_app
 from .native import NativeEndpoints
+from .ratelimit import PublishRates
 
 log = logging.getLogger("firehose.edge")
 
@@ -42,6 +43,8 @@ class Edge:
         self.limits = config.limits
         self.authorizer = Authorizer.from_config(config.auth)
         self.rules = http.Rules(config.limits, config.edge, self.authorizer)
+        self.publish_rates = PublishRates(config.edge.publish_rate_per_s,
+                                          config.edge.publish_burst)
         self.metrics = TimeSeries(config.edge.metrics_bucket_s, config.edge.metrics_buckets)
         self.backend = Backend(config, self._on_message, context=context,
                                on_worker_change=self._on_worker_change)

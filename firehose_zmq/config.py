@@ -79,6 +79,9 @@ class EdgeConfig:
     max_query_params: int = 64  # query parameters one request may carry
     publish_rate_per_s: int = 0  # publishes per second per client address; 0: no limit
     publish_burst: int = 0  # publishes a client may send at once (0: one second's worth)
+    # TLS: HTTPS and WSS on the edge's port when both are set (PEM files)
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 DURABILITY_MODES = ("sync", "async", "memory")
@@ -147,6 +150,7 @@ class AuthConfig:
     callout_cache_size: int = 1024
     callout_max_in_flight: int = 64
     callout_fail_open: bool = False
+    subscription_filter: str = ""  # "module:function", PROTOCOL §8's hook (auth/hooks.py)
 
 
 @dataclass(frozen=True)
@@ -202,9 +206,9 @@ class WorkerConfig:
 _WORKER_KEYS = ("id", "router_bind", "router_connect", "pub_bind", "pub_connect")
 _WORKER_OPTIONAL = ("admin",)
 # Keys whose empty string means "off".
-_MAY_BE_EMPTY = {("admin", "bind"), ("workers", "admin"), ("auth", "jwt_key"),
+_MAY_BE_EMPTY = {("admin", "bind"), ("workers", "admin"), ("edge", "tls_cert"), ("edge", "tls_key"), ("auth", "jwt_key"),
                  ("auth", "jwt_key_file"), ("auth", "jwt_audience"), ("auth", "jwt_issuer"),
-                 ("auth", "callout_url")}
+                 ("auth", "callout_url"), ("auth", "subscription_filter")}
 
 
 @dataclass(frozen=True)
@@ -339,6 +343,8 @@ def check_config(config: ClusterConfig) -> ClusterConfig:
     if not 0 < edge.port < 65536:
         raise ConfigError(f"edge.port must be a TCP port number, not {edge.port}")
     check_storage(storage)
+    if bool(edge.tls_cert) != bool(edge.tls_key):
+        raise ConfigError("edge.tls_cert and edge.tls_key go together: set both or neither")
     if storage.publish_id_window_s < 2 * edge.request_timeout_s:
         raise ConfigError(f"storage.publish_id_window_s ({storage.publish_id_window_s:g}) must be "
                           f"at least twice edge.request_timeout_s ({edge.request_timeout_s:g}): "

@@ -187,3 +187,49 @@ def test_preflight_allows_writes_only_to_listed_origins(tmp_path):
     assert listed.header("Access-Control-Allow-Origin") == "https://app.example"
     assert "PUT" not in other.header("Access-Control-Allow-Methods")
     assert other.header("Access-Control-Allow-Origin") is None
+
+
+FILTER = '''
+def accept(channel, params, credential):
+    if channel.startswith("/boom"):
+        raise RuntimeError("the filter broke")
+    if channel.startswith("/private") and params.get("key") != "ok":
+        return "private channels need key=ok"
+    return None
+'''
+
+
+def test_subscription_filter_refuses_and_fails_closed(tmp_path, run):
+    """PROTOCOL §8's hook: the operator's function refuses a long-poll (400, JSON), an
+    event stream and a WebSocket subscribe frame; a filter that raises refuses (503)."""
+    (tmp_path / "opfilter.py").write_text(FILTER)
+    cluster = Cluster(tmp_path, long_poll_timeout_s=1.0,
+                      tables='[auth]\nsubscription_filter = "opfilter:accept"\n')
+    cluster.env["PYTHONPATH"] = str(tmp_path)
+    with cluster:
+        assert request(cluster.url("/private/a"), "PUT", b"p").status == 202
+        refused = request(cluster.url("/private/a"))
+        assert refused.status == 400
+        assert json.loads(refused.body) == {"error": "Subscription failed",
+                                            "reason": "'/private/a': private channels need key=ok"}
+        assert request(cluster.url("/private/a"),
+                       headers={"Accept": "text/event-stream"}).status == 400
+        allowed = request(cluster.url("/private/a?key=ok"))
+        assert allowed.status == 200 and json.loads(allowed.body)["message"] == "p"
+        assert request(cluster.url("/boom/x")).status == 503
+        assert request(cluster.url("/public/x?last_message_sequence=0"), "PUT", b"x").status \
+            == 202
+
+        async def frames():
+            ws = await ws_connect(cluster, "/channels@firehose")
+            try:
+                ws.write_message(json.dumps({"multiplex_subscribe": [
+                    {"channel": "/private/a", "message_sequence": 0},
+                    {"channel": "/private/a2", "message_sequence": 0,
+                     "params": {"key": "ok"}}]}))
+                return [await ws_recv(ws)]
+            finally:
+                ws.close()
+        (refused_frame,) = run(frames())
+        assert refused_frame["error"] == "Subscription failed"
+        assert refused_frame["channel"] == "/private/a"

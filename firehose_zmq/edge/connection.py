@@ -38,6 +38,7 @@ import errno
 import logging
 import resource
 import socket
+import ssl
 import time
 import weakref
 
@@ -71,6 +72,20 @@ def connection_cap(configured: int) -> int:
         return configured
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return max(16, soft - max(64, soft // 16))
+
+
+def tls_context(cert_file: str, key_file: str):
+    """The server's TLS context (HTTPS, WSS), or None without a certificate; raises
+    OSError naming the file that cannot be used."""
+    if not cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(f"cannot use the TLS certificate {cert_file} and key {key_file}: "
+                      f"{exc}") from None
+    return context
 
 
 class RateLimitedLog:
@@ -155,6 +170,7 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
         self.header_timeout_s = config.header_timeout_s
         self.idle_timeout_s = config.idle_timeout_s
         self.refused = RateLimitedLog()
+        self.tls = tls_context(config.tls_cert, config.tls_key)
         self._acceptors: list = []
         self._sweeper = None
         self._all_closed = None  # while stopping: resolved when no connection is left
@@ -190,8 +206,13 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
         if self.fast:
             loop = asyncio.get_running_loop()
             task = loop.create_task(loop.connect_accepted_socket(
-                lambda: Connection(self, address), sock))
+                lambda: Connection(self, address), sock, ssl=self.tls))
             task.add_done_callback(self._set_up)
+        elif self.tls is not None:
+            wrapped = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            self.serve_with_tornado(tornado.iostream.SSLIOStream(
+                wrapped, max_buffer_size=self.max_buffer_size,
+                read_chunk_size=self.read_chunk_size), address)
         else:
             self.serve_with_tornado(tornado.iostream.IOStream(
                 sock, max_buffer_size=self.max_buffer_size,

@@ -17,7 +17,9 @@ import time
 import tornado.netutil
 
 from .. import cli
+from ..config import ConfigError
 from ..admin import EdgeAdmin
+from ..auth.hooks import load_subscription_filter
 from ..auth.tokens import AuthError, Authorizer
 from ..metrics import TimeSeries
 from ..wire import http
@@ -42,7 +44,8 @@ class Edge:
         self.fast_path = fast_path
         self.limits = config.limits
         self.authorizer = Authorizer.from_config(config.auth)
-        self.rules = http.Rules(config.limits, config.edge, self.authorizer)
+        self.rules = http.Rules(config.limits, config.edge, self.authorizer,
+                                load_subscription_filter(config.auth.subscription_filter))
         self.publish_rates = PublishRates(config.edge.publish_rate_per_s,
                                           config.edge.publish_burst)
         self.metrics = TimeSeries(config.edge.metrics_bucket_s, config.edge.metrics_buckets)
@@ -77,9 +80,9 @@ class Edge:
                                                    reuse_port=self.reuse_port)
         self.server.serve_on(sockets)
         self.admin.start()
-        log.info("edge listening on http://%s:%d (%d workers, long-poll timeout %g s, %s loop, "
+        log.info("edge listening on %s://%s:%d (%d workers, long-poll timeout %g s, %s loop, "
                  "%s, at most %d connections)",
-                 self.config.edge.host, self.config.edge.port, len(self.config.workers),
+                 "https" if self.server.tls is not None else "http", self.config.edge.host, self.config.edge.port, len(self.config.workers),
                  self.config.edge.long_poll_timeout_s,
                  type(asyncio.get_running_loop()).__module__.split(".")[0],
                  "fast path" if self.fast_path else "Tornado only (--no-fast-path)",
@@ -220,5 +223,8 @@ def main(argv=None) -> int:
     except OSError as exc:
         log.error("edge cannot start: %s", exc)
         return 1
+    except ConfigError as exc:
+        log.error("edge cannot start: %s", exc)
+        return 2
     return 0
 

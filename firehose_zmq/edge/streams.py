@@ -394,7 +394,7 @@ class WebSocket(_Session):
             self.count_bad_frame(reason)
             self.send(events.subscription_failed_frame(reason))
             return
-        if self.multiplexed and self.edge.rules.checks_credentials:
+        if self.edge.rules.checks_credentials:
             fresh = await self._allowed(fresh)
         waits = self.subscribe(fresh)
         if waits:
@@ -404,11 +404,14 @@ class WebSocket(_Session):
         """The subscriptions this socket's credential grants; each other one is
         answered with a "Subscription failed" frame."""
         allowed = []
+        rules = self.edge.rules
         for sub in subscriptions:
             try:
-                asks = self.edge.rules.authorize("subscribe", sub.channel, self.credential)
-                if asks:
-                    await self.edge.ask_callout(asks)
+                if self.multiplexed:  # a single channel's was checked with its upgrade
+                    asks = rules.authorize("subscribe", sub.channel, self.credential)
+                    if asks:
+                        await self.edge.ask_callout(asks)
+                rules.filter_subscription(sub.channel, sub.params, self.credential)
             except Exception as exc:  # HttpError, or the callout's AuthError
                 reason = getattr(exc, "reason", None)
                 if reason is None:

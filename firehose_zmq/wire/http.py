@@ -519,11 +519,15 @@ class Rules:
     """The decisions and answers of one edge's configuration (``limits``: the
     cluster's ``Limits``; ``edge``: its ``EdgeConfig``)."""
 
-    def __init__(self, limits, edge, authorizer=None):
+    def __init__(self, limits, edge, authorizer=None, subscription_filter=None):
         self.limits = limits
         self.authorizer = authorizer  # auth.tokens.Authorizer: credentials, when required
-        self.checks_credentials = authorizer is not None and any(
-            authorizer.required(op) for op in (_PUBLISH, _SUBSCRIBE))
+        # PROTOCOL §8's hook: ``filter(channel, params, credential)`` returns None to
+        # accept a subscription, or the reason it is refused.
+        self.subscription_filter = subscription_filter
+        self.checks_credentials = subscription_filter is not None or (
+            authorizer is not None and any(authorizer.required(op)
+                                           for op in (_PUBLISH, _SUBSCRIBE)))
         self.max_head_bytes = edge.max_head_bytes
         self.max_channels = edge.stream_max_channels
         self.max_json_depth = edge.max_json_depth
@@ -583,6 +587,20 @@ class Rules:
             return params.get(name)
         return self.authorizer.credential_from(lambda name: head.get(name.lower()), query)
 
+    def filter_subscription(self, channel: str, params: dict, credential) -> None:
+        """Ask the subscription filter, if one is configured; raises HttpError (400 with
+        its reason, or 503 when it fails: closed)."""
+        accept = self.subscription_filter
+        if accept is None:
+            return
+        try:
+            reason = accept(channel, params, credential)
+        except Exception as exc:  # the operator's code: it fails closed
+            raise HttpError(503, f"Service unavailable: the subscription filter failed "
+                                 f"({type(exc).__name__})", subscriber=True) from exc
+        if reason is not None:
+            raise _subscription_failed(f"{channel!r}: {reason}")
+
     def authorize(self, op: str, channel: str, credential) -> list:
         """Check ``credential`` for ``op`` on ``channel``: raises HttpError (401/403/503);
         returns the callout questions still to ask ([] when none)."""
@@ -607,13 +625,17 @@ class Rules:
             channels = [action.channel] if action.channel is not None else []
             checks = [(_SUBSCRIBE, channel) for channel in channels] + \
                 [(_SUBSCRIBE, sub.channel) for sub in action.subscriptions]
-            action = action._replace(credential=self.credential(head))
+            if self.authorizer is not None:
+                action = action._replace(credential=self.credential(head))
         else:
             return action  # health, metrics, preflight; a POST body is checked in decide_body
-        credential = self.credential(head)
+        credential = self.credential(head) if self.authorizer is not None else None
         asks = []
         for op, channel in checks:
             asks += self.authorize(op, channel, credential)
+        if kind is not Publish and kind is not Delete:
+            for sub in action.subscriptions:
+                self.filter_subscription(sub.channel, sub.params, credential)
         return Authorize(action, asks) if asks else action
 
     def _decide(self, head: Head):

@@ -116,6 +116,7 @@ def edge_status(edge, admin, now: float) -> dict:
         "subscribers": _subscribers(edge),
         "totals": admin.totals.read(now),
         "publish_retries": edge.backend.resent_publishes,
+        "deliveries": dict(edge.deliveries),
         "rejected_worker_frames": edge.backend.rejected_frames,
         "workers": [{"id": w.id, "up": edge.backend.is_up(w.id), "admin": w.admin}
                     for w in config.workers],
@@ -144,6 +145,17 @@ class EdgeCollector:
         families["firehose_rejections"].add_metric(["worker_bad_frame"],
                                                    status["rejected_worker_frames"])
         yield from families.values()
+        deliveries = CounterMetricFamily("firehose_deliveries", "Messages written to subscribers",
+                                         labels=["transport"])
+        for transport, count in status["deliveries"].items():
+            deliveries.add_metric([transport], count)
+        yield deliveries
+        edge = self._edge
+        yield _histogram("firehose_publish_seconds", "From a publish's body to its 202",
+                         edge.publish_latency.cumulative(), edge.publish_latency.sum_s)
+        yield _histogram("firehose_fanout_seconds", "From a worker's message reaching this "
+                         "edge to its last local subscriber's write",
+                         edge.fanout_latency.cumulative(), edge.fanout_latency.sum_s)
         yield CounterMetricFamily("firehose_publish_retries",
                                   "Publishes sent again to a worker that came back",
                                   value=status["publish_retries"])
@@ -161,6 +173,15 @@ class EdgeCollector:
         yield up
         yield GaugeMetricFamily("firehose_ready", "1 when /readyz answers 200",
                                 value=1 if status["ready"] else 0)
+
+
+def _histogram(name: str, help_text: str, cumulative, sum_s: float, labels=(), values=()):
+    """A Prometheus histogram from ``LatencyHistogram.cumulative()`` and its sum."""
+    family = HistogramMetricFamily(name, help_text, labels=list(labels))
+    buckets = [("+Inf" if bound == float("inf") else repr(bound), count)
+               for bound, count in cumulative]
+    family.add_metric(list(values), buckets, sum_s)
+    return family
 
 
 def _info(status: dict) -> GaugeMetricFamily:
@@ -382,8 +403,8 @@ def worker_status(worker) -> dict:
                              if os.path.exists(path))
         if writer is not None:
             store.update(unflushed_ops=writer.unflushed_ops, commits=writer.commits,
-                         commit_seconds=writer.commit_seconds,
-                         commit_histogram=list(writer.commit_histogram))
+                         commit_seconds=writer.commit_time.sum_s,
+                         commit_histogram=writer.commit_time.cumulative())
     ready, reason = worker_ready(worker)
     return {
         "role": "worker", "id": worker.me.id, "version": __version__, "pid": os.getpid(),
@@ -428,7 +449,6 @@ class WorkerCollector:
         self._worker = worker
 
     def collect(self):
-        from .worker.store import COMMIT_BUCKETS_S
         status = worker_status(self._worker)
         totals = status["totals"]
         labels = ["worker"]
@@ -472,15 +492,8 @@ class WorkerCollector:
             yield gauge("firehose_store_unflushed_ops", "Store operations waiting for the disk",
                         store["unflushed_ops"])
             yield counter("firehose_store_commits", "Store transactions", store["commits"])
-            histogram = HistogramMetricFamily("firehose_store_commit_seconds",
-                                              "Time of one store commit", labels=labels)
-            cumulative, buckets = 0, []
-            for bound, count in zip((*COMMIT_BUCKETS_S, float("inf")),
-                                    store["commit_histogram"]):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            histogram.add_metric(me, buckets, store["commit_seconds"])
-            yield histogram
+            yield _histogram("firehose_store_commit_seconds", "Time of one store commit",
+                             store["commit_histogram"], store["commit_seconds"], labels, me)
 
 
 class WorkerAdmin:

@@ -7,7 +7,35 @@ with any activity in the bucket) and ``connections`` (connections open at the
 time of the report, or at the end of a closed bucket).
 """
 
+import bisect
 from collections import OrderedDict
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class LatencyHistogram:
+    """Durations counted per bucket of ``bounds`` (upper bounds; the last count is above
+    them all) and summed: one ``observe`` is a bisect and two additions. Read from
+    another thread (the admin listener), a snapshot may be one observation apart."""
+
+    __slots__ = ("bounds", "counts", "sum_s")
+
+    def __init__(self, bounds=LATENCY_BUCKETS_S):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum_s += seconds
+
+    def cumulative(self) -> list:
+        """``[(upper bound, count at or below it)]``, ``inf`` last (Prometheus' shape)."""
+        total, out = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), list(self.counts)):
+            total += count
+            out.append((bound, total))
+        return out
 
 
 class _Bucket:

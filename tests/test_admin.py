@@ -83,6 +83,13 @@ def test_metrics_of_the_edge_and_the_workers(cluster):
     assert value(edge, "firehose_ready") == 1
     assert value(edge, "firehose_subscribers", transport="websocket") == 0
     assert ("firehose_rejections_total", frozenset({("reason", "websocket_bad_frame")})) in edge
+    after = scrape(cluster.admin_url("/metrics"))
+    delivered = value(after, "firehose_deliveries_total", transport="long_poll") - \
+        before_edge[("firehose_deliveries_total", frozenset({("transport", "long_poll")}))]
+    assert delivered == 1  # the waiting long-poll got "wake"
+    assert value(after, "firehose_publish_seconds_count") - \
+        before_edge[("firehose_publish_seconds_count", frozenset())] == 4
+    assert value(after, "firehose_fanout_seconds_count") >= 1
 
     w1 = scrape(cluster.admin_url("/metrics", "w1"))
     published = value(w1, "firehose_worker_publishes_total", worker="w1")

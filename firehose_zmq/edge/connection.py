@@ -285,7 +285,8 @@ class Connection(asyncio.Protocol):
     __slots__ = ("_server", "_edge", "_rules", "_address", "_transport", "_buf", "_busy",
                  "_serving", "_poll", "_extra", "_close_after", "_eof", "_writing_paused",
                  "_reading_paused", "_body", "_skip", "_last_active", "_reading_since",
-                 "_stream", "_adopted", "_last_data", "_adopted_body")
+                 "_stream", "_adopted", "_last_data", "_adopted_body",
+                 "_publish_started")
 
     def __init__(self, server: EdgeHTTPServer, address):
         self._server = server
@@ -309,6 +310,7 @@ class Connection(asyncio.Protocol):
         self._stream = None         # the event stream or WebSocket this connection became
         self._adopted = False       # on a StreamTransport (its request came from Tornado)
         self._last_data = 0.0       # when the last bytes arrived (a stalled body)
+        self._publish_started = 0.0  # when the publish in flight went to its worker
         self._adopted_body = b""    # the body Tornado read, while the callout is asked
 
     # -- asyncio.Protocol --------------------------------------------------------
@@ -593,6 +595,7 @@ class Connection(asyncio.Protocol):
                                    (("Retry-After", "1"),)), self._extra)
             return
         self._busy = True
+        self._publish_started = time.monotonic()
         edge.publish(action.channel, body, action.options).add_done_callback(self._published)
 
     def _execute(self, action, head) -> None:
@@ -684,6 +687,7 @@ class Connection(asyncio.Protocol):
             if self._transport is not None:
                 self._edge.metrics.incr(time.time(), "timeouts")
             return self._answer(http.no_content_answer(self._extra))
+        self._edge.deliveries["long_poll"] += 1
         item = result[1]
         if self._extra:
             body = item.json()  # not copied into each waiter's answer
@@ -694,6 +698,7 @@ class Connection(asyncio.Protocol):
         if exc is not None or result is None:
             return self._polled(result, exc)
         channel, item = result
+        self._edge.deliveries["long_poll"] += 1
         body = item.json_with_channel(channel)
         self._answer(http.poll_answer_head(len(body), self._extra), body)
 
@@ -701,6 +706,7 @@ class Connection(asyncio.Protocol):
         exc = future.exception()
         if exc is not None:
             return self._fail(exc)
+        self._edge.publish_latency.observe(time.monotonic() - self._publish_started)
         self._answer(http.published_answer(future.result()["seq"], self._extra))
 
     def _deleted(self, future) -> None:

@@ -56,6 +56,7 @@ from collections import deque
 import logging
 import time
 
+from ..metrics import LatencyHistogram
 from ..wire import http
 from .backend import BackendError, OwnerDown
 
@@ -162,6 +163,7 @@ class Fanout:
         self._resync_queue: deque = deque()  # channel names waiting for a re-sync fetch
         self._resync_in_flight = 0
         self.resyncs = 0  # re-sync fetches answered
+        self.latency = LatencyHistogram()  # a live message's arrival to its last write here
         backend.stream_watchers.append(self.stream_changed)
 
     def start(self) -> None:
@@ -376,6 +378,7 @@ class Fanout:
         feed = self._feeds.get(message.channel)
         if feed is None:
             return
+        started = time.monotonic()
         live = LiveMessage(message.seq, message.epoch, Item(message.seq, message.data))
         feed.recent.append(live)
         if message.epoch > feed.head_epoch or (message.epoch == feed.head_epoch
@@ -384,6 +387,7 @@ class Fanout:
         feed.synced = True
         for listener in list(feed.listeners):
             self._offer(listener, live)
+        self.latency.observe(time.monotonic() - started)
 
     def owner_lost(self, worker_id: str) -> None:
         """The subscriptions to ``worker_id`` may have missed messages: stop trusting them."""

@@ -21,7 +21,7 @@ from ..config import ConfigError
 from ..admin import EdgeAdmin
 from ..auth.hooks import load_subscription_filter
 from ..auth.tokens import AuthError, Authorizer
-from ..metrics import TimeSeries
+from ..metrics import LatencyHistogram, TimeSeries
 from ..wire import http
 from .backend import Backend, BackendError, RequestRejected
 from .connection import EdgeHTTPServer
@@ -52,6 +52,10 @@ class Edge:
         self.backend = Backend(config, self._on_message, context=context,
                                on_worker_change=self._on_worker_change)
         self.fanout = Fanout(self.backend, config.edge.subscription_linger_s)
+        # Read by the admin listener at scrape time.
+        self.deliveries = {"long_poll": 0, "websocket": 0, "sse": 0}
+        self.publish_latency = LatencyHistogram()
+        self.fanout_latency = self.fanout.latency
         self.timeouts = Timeouts(config.edge.long_poll_timeout_s)
         self.native = NativeEndpoints(config, self.backend, context=context) if native else None
         self.streams: set = set()  # open WebSockets and event streams (streams.py)

@@ -190,6 +190,7 @@ class EventStream(_Session):
             return
         if self.started and self.behind():
             return self.cut_slow()
+        self.edge.deliveries["sse"] += len(items)
         queued = self._queued
         if self.multiplexed:
             for item in items:
@@ -440,6 +441,7 @@ class WebSocket(_Session):
             return
         if self.behind():
             return self.cut_slow_socket()
+        self.edge.deliveries["websocket"] += len(items)
         write = self.conn.stream_write
         if self.multiplexed:
             for item in items:

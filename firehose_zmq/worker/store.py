@@ -45,7 +45,6 @@ the buffer size, an expired or deleted channel loses its rows, and publish ids
 older than the retry window are pruned.
 """
 
-import bisect
 import logging
 import os
 import queue
@@ -56,6 +55,7 @@ from typing import NamedTuple, Optional
 
 import zmq
 
+from ..metrics import LatencyHistogram
 from ..zmqraw import readable
 
 log = logging.getLogger("firehose.store")
@@ -342,7 +342,6 @@ class Store:
             self._db.close()
 
 
-COMMIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class StoreWriter:
@@ -374,10 +373,7 @@ class StoreWriter:
         self.unflushed_ops = 0
         self.failed = False
         self.commits = 0
-        # Commit time, read by the admin listener: the sum and a histogram whose
-        # counts are per bucket of COMMIT_BUCKETS_S (upper bounds), the last above all.
-        self.commit_seconds = 0.0
-        self.commit_histogram = [0] * (len(COMMIT_BUCKETS_S) + 1)
+        self.commit_time = LatencyHistogram()  # read by the admin listener
         self.used_bytes = store.used_bytes()  # after the last commit (read by the loop)
 
     def start(self) -> None:
@@ -475,8 +471,7 @@ class StoreWriter:
                 store.apply(ops for _, ops in batches)
                 self.commits += 1
                 elapsed = time.monotonic() - started
-                self.commit_seconds += elapsed
-                self.commit_histogram[bisect.bisect_left(COMMIT_BUCKETS_S, elapsed)] += 1
+                self.commit_time.observe(elapsed)
                 self.used_bytes = store.used_bytes()
                 notify.send(batches[-1][0].to_bytes(8, "big"))
                 log.debug("committed %d batch(es) in %.1f ms", len(batches),

@@ -345,13 +345,13 @@ class WebSocket(_Session):
             self.drop()
         elif self._inbox and not self._closing:
             self._start(self._work())
-        else:
+        elif not self._closing:  # a closing socket reads nothing more but its close
             self.conn.resume_reading_for_stream()
 
     async def _work(self) -> None:
         inbox = self._inbox
         while inbox and not self._closing:
-            if len(inbox) <= _INBOX_FRAMES // 2:
+            if len(inbox) <= _INBOX_FRAMES // 2 and self._frame_tokens > 0:
                 self.conn.resume_reading_for_stream()
             await self._on_frame(inbox.popleft())
 

@@ -18,6 +18,7 @@ import tornado.netutil
 
 from .. import cli
 from ..admin import EdgeAdmin
+from ..config import ConfigError, load_config_with_sources
 from ..auth.tokens import AuthError, Authorizer
 from ..metrics import TimeSeries
 from ..wire import http
@@ -52,6 +53,12 @@ class Edge:
         self.server = None
         self.stopping = False  # set by stop(): a long-poll started now is answered 204 at once
         self.admin = EdgeAdmin(self)  # metrics, health, status page on [admin] bind
+
+    def reload(self, config) -> None:
+        """Take the worker list and ring of a config read again (SIGHUP); other keys
+        need a restart."""
+        if self.backend.reload(config):
+            self.fanout.ring_changed()
 
     def _on_message(self, message) -> None:
         self.fanout.on_message(message)
@@ -177,9 +184,16 @@ class Edge:
 
 
 async def serve(config, stop: asyncio.Event, native: bool, reuse_port: bool,
-                fast_path: bool) -> None:
+                fast_path: bool, reload_config=None) -> None:
     edge = Edge(config, native=native, reuse_port=reuse_port, fast_path=fast_path)
     await edge.start()
+    if reload_config is not None:
+        def reload() -> None:
+            try:
+                edge.reload(reload_config())
+            except ConfigError as exc:
+                log.error("the config read again cannot be used; ring kept: %s", exc)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("edge stopping: answering waiting subscribers")
     await edge.stop()
@@ -206,7 +220,8 @@ def main(argv=None) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await serve(config, stop, native=not args.no_native, reuse_port=args.reuse_port,
-                    fast_path=not args.no_fast_path)
+                    fast_path=not args.no_fast_path,
+                    reload_config=lambda: load_config_with_sources(args.config)[0])
 
     try:
         if args.loop == "uvloop":

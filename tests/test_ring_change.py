@@ -100,18 +100,20 @@ def test_adding_and_removing_a_worker_under_a_publish_storm(tmp_path, run):
             before = epochs(bed, channels)
             storm.start()
             await asyncio.sleep(1.0)  # the storm runs before the change (not a synchronisation)
-            # Add w3: the new config, w3 started with it, SIGHUP to every other process.
+            # Add w3 as README "Growing the cluster" says: the new config, w3 started
+            # with it, SIGHUP to the edges, then (once they reach w3) to the workers.
             bed.add_host("w3")
             bed.write_config(["w1", "w2", "w3"], previous=["w1", "w2"])
             w3 = bed.start_worker("w3")
             mark = len(w3.lines)
-            bed.reload([bed.workers["w1"], bed.workers["w2"]])
             bed.reload([edge[0] for edge in bed.edges])
-            await asyncio.to_thread(w3.wait_for, "handoff complete", 20, mark)
             for edge, *_ in bed.edges:
                 await asyncio.to_thread(edge.wait_for, "worker w3 up")
+            bed.reload([bed.workers["w1"], bed.workers["w2"]])
+            await asyncio.to_thread(w3.wait_for, "handoff complete", 20, mark)
             await asyncio.sleep(1.0)
-            # Remove w1: out of the ring (leaving), its channels go to w2 and w3.
+            # Remove w1 (out of the ring: leaving), its channels going to w2 and w3; the
+            # workers hear of it first this time, then the edges.
             marks = {w: len(p.lines) for w, p in bed.workers.items()}
             bed.write_config(["w2", "w3"], previous=["w1", "w2", "w3"], leaving=["w1"])
             bed.reload()

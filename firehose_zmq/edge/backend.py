@@ -187,6 +187,7 @@ class Backend:
     def __init__(self, config, on_message, context=None, on_worker_change=None):
         self.config = config
         self.ring = Ring(config.ring_members, config.ring_vnodes)
+        self.previous = self._previous_ring(config)
         self._on_message = on_message
         self._on_worker_change = on_worker_change or (lambda worker_id, up: None)
         self._context = context or zmq.Context.instance()
@@ -289,6 +290,12 @@ class Backend:
             self._sub_reader.close()
             self._sub.close(linger=0)
 
+    @staticmethod
+    def _previous_ring(config):
+        if not config.ring_previous:
+            return None
+        return Ring(config.ring_previous, config.ring_vnodes)
+
     def reload(self, config) -> bool:
         """Take the worker list and ring of ``config`` (read again on SIGHUP); links to
         new workers open, links to workers gone from the config close (their
@@ -324,6 +331,7 @@ class Backend:
             log.info("ring changed from %s to %s (%s)", self.ring.version, ring.version,
                      ", ".join(ring.worker_ids))
         self.ring = ring
+        self.previous = self._previous_ring(config)
         return changed
 
     # -- routing ---------------------------------------------------------------
@@ -338,8 +346,18 @@ class Backend:
         return {worker_id: link.alive for worker_id, link in self._links.items()}
 
     def request(self, channel: str, op: str, **fields) -> asyncio.Future:
-        """Send ``op`` for ``channel`` to its owner; the future gets the reply map."""
-        return self.call(self.owner(channel), {"op": op, "channel": channel, **fields})
+        """Send ``op`` for ``channel`` to its owner; the future gets the reply map.
+
+        During a ring change, while the link to the new owner is not up yet (a
+        worker just added), the request goes to the channel's previous owner,
+        which serves it or names the worker to ask."""
+        owner = self.ring.owner(channel)
+        if self.previous is not None and not self._links[owner].alive:
+            before = self.previous.owner(channel)
+            link = self._links.get(before)
+            if link is not None and link.alive:
+                owner = before
+        return self.call(owner, {"op": op, "channel": channel, **fields})
 
     def call(self, worker_id: str, request: dict, force: bool = False) -> asyncio.Future:
         """Send a request to one worker; the future gets the reply or a BackendError.

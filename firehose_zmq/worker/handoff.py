@@ -24,9 +24,10 @@ SIGHUP). While both rings are known:
   is committed; the source then drops its copy. A source's copy outlives a
   crash of the taker until then; a copy sent twice is kept only if it is newer
   (epoch, then sequence) than what the taker holds.
-- A source not yet on the new ring answers ``ring_mismatch``: until it is, the
-  taker answers requests for the channels it would take from it ``not_owner``,
-  naming the source, which still owns them on its ring (edges follow that).
+- A source not yet on the new ring answers ``ring_mismatch``: the requests
+  parked for that take are answered ``not_owner`` naming the source, which still
+  owns the channel on its ring (edges follow that), and the next request tries
+  again, so the channel moves as soon as the source has the new ring.
 - When a source answers that nothing is left and every acknowledgement has been
   delivered, the handoff from it is complete; when every source is complete,
   the worker serves without looking at the previous ring.
@@ -181,10 +182,6 @@ class Handoff:
         source = self.sources.get(source_id)
         if source is None or source.complete:
             return True
-        if source.behind:
-            raise frames.ProtocolError(
-                f"{name!r} is still with worker {source_id}, which has not got ring "
-                f"{self.worker.ring.version} yet", frames.NOT_OWNER, owner=source_id)
         if self.parked_count >= MAX_PARKED:
             self.counters["refused_parked"] += 1
             raise frames.ProtocolError(

@@ -66,6 +66,7 @@ class Storm:
         self.delivered: dict = {}  # (channel, edge index) -> [(seq, body)]
         self.statuses: dict = {}   # publish status -> count
         self.unavailable: list = []  # (monotonic time, channel) of each 503
+        self.acked_at: dict = {c: [] for c in self.channels}  # monotonic times of 202s
         self._stopping = False
         self._tasks: list = []
         self._subscribers: dict = {}  # (channel, edge) -> last sequence
@@ -102,6 +103,7 @@ class Storm:
             if other is not None:
                 self.reused.append((channel, seq, other, body))
             self.acked[channel][seq] = body
+            self.acked_at[channel].append(time.monotonic())
         else:
             self.maybe[channel].add(body)
             if status == 503:
@@ -202,18 +204,18 @@ class Storm:
                                 f"{missing[:10]}")
         return problems
 
-    def longest_unavailable_s(self) -> float:
-        """The longest stretch, per channel, from a first 503 to its last in a run of
-        503s less than 1 s apart (0 when there was none)."""
-        longest = 0.0
-        by_channel: dict = {}
-        for at, channel in self.unavailable:
-            by_channel.setdefault(channel, []).append(at)
-        for times in by_channel.values():
-            start = prev = times[0]
-            for at in times[1:]:
-                if at - prev > 1.0:
-                    start = at
-                prev = at
-                longest = max(longest, prev - start)
+    def longest_gap_s(self) -> tuple:
+        """``(seconds, channel)``: the longest time a channel went without a 202 while
+        it was being published to (the storm's own pace makes a floor of a few ms)."""
+        longest = (0.0, None)
+        for channel, times in self.acked_at.items():
+            for a, b in zip(times, times[1:]):
+                if b - a > longest[0]:
+                    longest = (b - a, channel)
         return longest
+
+    def report(self) -> str:
+        gap, channel = self.longest_gap_s()
+        return (f"202: {sum(len(a) for a in self.acked.values())}, statuses {self.statuses}, "
+                f"deliveries {sum(len(d) for d in self.delivered.values())}, longest time "
+                f"without a 202: {gap:.2f} s ({channel})")

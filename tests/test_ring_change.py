@@ -131,9 +131,7 @@ def test_adding_and_removing_a_worker_under_a_publish_storm(tmp_path, run):
         before, after = run(scenario(), timeout_s=90)
         problems = storm.check()
         acked = sum(len(a) for a in storm.acked.values())
-        print(f"\n202: {acked}, statuses {storm.statuses}, longest 503 run "
-              f"{storm.longest_unavailable_s():.2f} s, deliveries "
-              f"{sum(len(d) for d in storm.delivered.values())}")
+        print("\n" + storm.report())
         assert not problems, "\n".join(problems[:20])
         assert before == after, "a channel got a new epoch"
         assert acked > 40 * 5
@@ -189,3 +187,50 @@ def test_handoff_of_many_channels_is_timed(tmp_path, run):
         for name in sample:
             reply = native_fetch(endpoint, name)
             assert reply["seq"] == 1 and reply["messages"] == [[1, b"m" * 100]], (name, reply)
+
+
+def test_a_handoff_survives_a_frozen_source_and_a_killed_new_owner(tmp_path, run):
+    """w1 frozen (a partition) while its channels move to w3: they answer 503, never reset;
+    w3 killed and restarted after taking them: they continue from its disk."""
+    channels = [f"/cut/{i}" for i in range(30)]
+    with HostBed(tmp_path, ["w1", "w2"], edges=1) as bed:
+        storm = Storm([(host, port) for _, host, port, _ in bed.edges], channels, publishers=4)
+        moving = [c for c in channels if Ring(["w1", "w2", "w3"]).owner(c) == "w3"
+                  and Ring(["w1", "w2"]).owner(c) == "w1"]
+        assert moving
+
+        async def scenario():
+            await storm.prime()
+            before = epochs(bed, channels)
+            storm.start()
+            await asyncio.sleep(0.5)
+            bed.add_host("w3")
+            bed.write_config(["w1", "w2", "w3"], previous=["w1", "w2"])
+            w3 = bed.start_worker("w3")
+            edge = bed.edges[0][0]
+            bed.reload([edge])
+            await asyncio.to_thread(edge.wait_for, "worker w3 up")
+            bed.freeze("w1")
+            bed.reload([bed.workers["w1"], bed.workers["w2"]])  # w1 reads it when it resumes
+            await asyncio.sleep(2.5)  # the partition lasts this long
+            bed.thaw("w1")
+            await asyncio.to_thread(w3.wait_for, "handoff complete", 20)
+            await asyncio.sleep(0.5)
+            bed.kill("w3")
+            mark = len(edge.lines)
+            restarted = bed.start_worker("w3")
+            await asyncio.to_thread(edge.wait_for, "worker w3 up", 20, mark)
+            await asyncio.to_thread(restarted.wait_for, "handoff complete", 20)
+            await asyncio.sleep(1.0)
+            await storm.finish()
+            return before, epochs(bed, channels)
+
+        before, after = run(scenario(), timeout_s=90)
+        problems = storm.check()
+        print("\n" + storm.report())
+        assert not problems, "\n".join(problems[:20])
+        assert before == after, "a channel got a new epoch"
+        gap, channel = storm.longest_gap_s()
+        assert gap >= 1.5 and channel in moving + [c for c in channels
+                                                     if Ring(["w1", "w2"]).owner(c) == "w1"]
+        assert "loaded" in bed.workers["w3"].log_text()

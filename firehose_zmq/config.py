@@ -42,6 +42,9 @@ class Limits:
     # Messages a worker's XPUB queues per subscriber (an edge, a native client)
     # before it drops for that subscriber.
     worker_send_hwm: int = 10000
+    # Requests a worker holds while their channels are being taken from their
+    # previous owner (a ring change); beyond, they are refused "unavailable" (503).
+    max_parked_requests: int = 10000
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,12 @@ class HostBed:
 
     def __init__(self, tmp_path, worker_ids=("w1", "w2"), edges: int = 1,
                  durability: str = "sync", long_poll_timeout_s: float = 3.0,
-                 extra_config: str = ""):
+                 extra_config: str = "", tables: str = ""):
         self.tmp_path = Path(tmp_path)
         self.durability = durability
         self.long_poll_timeout_s = long_poll_timeout_s
-        self.extra_config = extra_config
+        self.extra_config = extra_config  # more [edge] keys
+        self.tables = tables              # more TOML tables ([limits], ...)
         self.data_dir = self.tmp_path / "data"
         self.config_path = self.tmp_path / "cluster.toml"
         self.hosts: dict = {}       # worker id -> (host, router port, pub port)
@@ -100,7 +101,8 @@ class HostBed:
             lines.append("")
         lines += ["[edge]", f"long_poll_timeout_s = {self.long_poll_timeout_s}",
                   self.extra_config, "", "[storage]", f'durability = "{self.durability}"',
-                  f'data_dir = "{self.data_dir}"', "", "[admin]", 'bind = ""', ""]
+                  f'data_dir = "{self.data_dir}"', "", "[admin]", 'bind = ""', "",
+                  self.tables]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self) -> "HostBed":

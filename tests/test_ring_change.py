@@ -234,3 +234,41 @@ def test_a_handoff_survives_a_frozen_source_and_a_killed_new_owner(tmp_path, run
         assert gap >= 1.5 and channel in moving + [c for c in channels
                                                      if Ring(["w1", "w2"]).owner(c) == "w1"]
         assert "loaded" in bed.workers["w3"].log_text()
+
+
+def test_requests_waiting_for_a_take_are_bounded(tmp_path):
+    """While a channel's source does not answer, at most max_parked_requests wait for the
+    take; more are refused at once, the waiting ones get 'unavailable' at the take's deadline."""
+    with HostBed(tmp_path, ["w1"], edges=0,
+                 tables="[limits]\nmax_parked_requests = 5\n") as bed:
+        bed.add_host("w2")
+        bed.write_config(["w1", "w2"], previous=["w1"])
+        w2 = bed.start_worker("w2")
+        w2.wait_for("refused a take")  # connected to w1, which is still on the old ring
+        bed.freeze("w1")
+        ring = Ring(["w1", "w2"])
+        moving = [f"/park/{i}" for i in range(100) if ring.owner(f"/park/{i}") == "w2"][:8]
+        host, router, _ = bed.hosts["w2"]
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://{host}:{router}")
+        try:
+            started = time.monotonic()
+            for i, name in enumerate(moving):
+                sock.send(frames.encode_request({"id": i, "op": "fetch", "channel": name,
+                                                 "since": 0}))
+            answers = {}
+            while len(answers) < len(moving):
+                assert sock.poll(5000), f"only {len(answers)} answers"
+                reply = frames.decode_reply(sock.recv(), 1 << 20)
+                answers[reply["id"]] = (time.monotonic() - started, reply)
+        finally:
+            sock.close()
+        refused = [a for a in answers.values() if "max_parked_requests" in a[1]["reason"]]
+        parked = [a for a in answers.values() if a not in refused]
+        assert len(refused) == 3 and len(parked) == 5
+        assert all(not r["ok"] and r["error"] == "unavailable" for _, r in answers.values())
+        assert max(t for t, _ in refused) < 1.0
+        assert all(1.0 <= t < 4.0 for t, _ in parked), [t for t, _ in parked]
+        print(f"\nrefused at once within {max(t for t, _ in refused) * 1000:.0f} ms; parked "
+              f"answered after {min(t for t, _ in parked):.2f} s")

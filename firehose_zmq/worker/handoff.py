@@ -13,8 +13,8 @@ SIGHUP). While both rings are known:
   ring (of the same version: it is checked) gives the channel to the taker,
   refuses it with ``not_owner``. So no two workers ever accept publishes for one
   channel, and the taker continues its sequence and epoch.
-- A request for a channel not taken yet is *parked* (at most ``MAX_PARKED``;
-  beyond, ``unavailable``) and a ``handoff_take`` naming it goes out at once;
+- A request for a channel not taken yet is *parked* (at most
+  ``[limits] max_parked_requests``; beyond, ``unavailable``) and a ``handoff_take`` naming it goes out at once;
   the parked requests are handled in order once the state has arrived.
 - Meanwhile the taker takes, in the background and in name order, every channel
   the source holds for it (``BULK_LIMIT`` per request, a reply fits
@@ -48,12 +48,11 @@ import zmq
 from ..auth import curve
 from ..ring import Ring, source as ring_source
 from ..wire import frames
-from ..zmqraw import NOBLOCK, readable, recv_frames, send_frames
+from ..zmqraw import NOBLOCK, readable, recv_frames, send
 from .store import DeleteOp, RestoreOp
 
 log = logging.getLogger("firehose.worker")
 
-MAX_PARKED = 10000        # requests waiting for their channel's take, per worker
 BULK_LIMIT = 1000         # channels per background take
 RETRY_INTERVAL_S = 0.25   # a source that is behind or down is asked again this often
 _ID_OVERHEAD_BYTES = 24
@@ -182,11 +181,12 @@ class Handoff:
         source = self.sources.get(source_id)
         if source is None or source.complete:
             return True
-        if self.parked_count >= MAX_PARKED:
+        limit = self.worker.limits.max_parked_requests
+        if self.parked_count >= limit:
             self.counters["refused_parked"] += 1
             raise frames.ProtocolError(
-                f"{MAX_PARKED} requests wait for channels being taken over; retry later",
-                frames.UNAVAILABLE)
+                f"{limit} requests wait for channels being taken over (max_parked_requests); "
+                "retry later", frames.UNAVAILABLE)
         return False
 
     def park(self, name: str, parts: list, request_id) -> None:
@@ -235,7 +235,9 @@ class Handoff:
             request["channels"] = names
         take = _Take(names, done, now + worker.take_timeout_s)
         try:
-            send_frames(source.dealer, [frames.encode_request(request)])
+            # Never blocks: with ZMQ_IMMEDIATE a source that is not connected (down,
+            # or stopped before the handshake) refuses at once.
+            send(source.dealer, frames.encode_request(request), NOBLOCK)
         except zmq.ZMQError as exc:
             self._take_failed(source, take, frames.UNAVAILABLE,
                               f"worker {source.id} is not connected ({exc})")

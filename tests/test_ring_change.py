@@ -230,9 +230,8 @@ def test_a_handoff_survives_a_frozen_source_and_a_killed_new_owner(tmp_path, run
         print("\n" + storm.report())
         assert not problems, "\n".join(problems[:20])
         assert before == after, "a channel got a new epoch"
-        gap, channel = storm.longest_gap_s()
-        assert gap >= 1.5 and channel in moving + [c for c in channels
-                                                     if Ring(["w1", "w2"]).owner(c) == "w1"]
+        # The frozen w1 held its channels' publishes (and so its publisher's others).
+        assert storm.longest_gap_s()[0] >= 1.5
         assert "loaded" in bed.workers["w3"].log_text()
 
 

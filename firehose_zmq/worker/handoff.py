@@ -13,9 +13,10 @@ SIGHUP). While both rings are known:
   ring (of the same version: it is checked) gives the channel to the taker,
   refuses it with ``not_owner``. So no two workers ever accept publishes for one
   channel, and the taker continues its sequence and epoch.
-- A request for a channel not taken yet is *parked* (at most
-  ``[limits] max_parked_requests``; beyond, ``unavailable``) and a ``handoff_take`` naming it goes out at once;
-  the parked requests are handled in order once the state has arrived.
+- A request for a channel not taken yet is *parked* (at most ``[limits]
+  max_parked_requests``; beyond, ``unavailable``) and a ``handoff_take`` naming
+  it goes out at once; the parked requests are handled in order once the state
+  has arrived.
 - Meanwhile the taker takes, in the background and in name order, every channel
   the source holds for it (``BULK_LIMIT`` per request, a reply fits
   ``max_message_bytes``), restores each with its buffer, TTL and recent publish
@@ -49,7 +50,7 @@ from ..auth import curve
 from ..ring import Ring, source as ring_source
 from ..wire import frames
 from ..zmqraw import NOBLOCK, readable, recv_frames, send
-from .store import DeleteOp, RestoreOp
+from .store import DeleteOp
 
 log = logging.getLogger("firehose.worker")
 
@@ -122,9 +123,13 @@ class Handoff:
         for source in self.sources.values():
             self._close_source(source, "the ring changed")
         self.sources = {}
+        # Copies not acknowledged yet are sent again by the next takes, and kept
+        # only if newer than what is here.
+        self._wanted, self._asked, self._acks = {}, set(), deque()
         self.previous = Ring(previous_ids, vnodes) if previous_ids else None
-        if self.previous is not None:
-            me = worker.me.id
+        me = worker.me.id
+        # A worker out of the ring (leaving) takes nothing; it only hands over.
+        if self.previous is not None and me in worker.ring.worker_ids:
             for worker_id in self.previous.worker_ids:
                 if worker_id != me:
                     self.sources[worker_id] = Source(worker_id, self._connect(worker_id))

@@ -14,6 +14,7 @@ Every process started is stopped by ``stop``.
 """
 
 import itertools
+import os
 import random
 import signal
 import socket
@@ -106,7 +107,6 @@ class HostBed:
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self) -> "HostBed":
-        import os
         self.env = {k: v for k, v in os.environ.items()
                     if k != "PORT" and not k.startswith("FIREHOSE_")}
         self.write_config()

@@ -42,6 +42,9 @@ class Limits:
     # Messages a worker's XPUB queues per subscriber (an edge, a native client)
     # before it drops for that subscriber.
     worker_send_hwm: int = 10000
+    # Requests a worker holds while their channels are being taken from their
+    # previous owner (a ring change); beyond, they are refused "unavailable" (503).
+    max_parked_requests: int = 10000
 
 
 @dataclass(frozen=True)
@@ -201,10 +204,14 @@ class WorkerConfig:
     pub_bind: str
     pub_connect: str
     admin: str = ""  # host:port of this worker's admin listener; empty: none
+    # Out of the ring: it serves no channel and hands what it holds to the ring's
+    # owners (README, "Growing the cluster"); stop it once it holds none.
+    leaving: bool = False
 
 
 _WORKER_KEYS = ("id", "router_bind", "router_connect", "pub_bind", "pub_connect")
-_WORKER_OPTIONAL = ("admin",)
+_WORKER_OPTIONAL = ("admin", "leaving")
+_WORKER_TYPES = {"admin": str, "leaving": bool}
 # Keys whose empty string means "off".
 _MAY_BE_EMPTY = {("admin", "bind"), ("workers", "admin"), ("edge", "tls_cert"), ("edge", "tls_key"), ("auth", "jwt_key"),
                  ("auth", "jwt_key_file"), ("auth", "jwt_audience"), ("auth", "jwt_issuer"),
@@ -221,6 +228,14 @@ class ClusterConfig:
     admin: AdminConfig = field(default_factory=AdminConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     curve: CurveConfig = field(default_factory=CurveConfig)
+    # The worker ids of the ring being replaced while channels move to the new one
+    # (README, "Growing the cluster"); empty when no move is under way.
+    ring_previous: tuple = ()
+
+    @property
+    def ring_members(self) -> tuple:
+        """The ids of the ring's workers: every ``[[workers]]`` entry not ``leaving``."""
+        return tuple(w.id for w in self.workers if not w.leaving)
 
     def worker(self, worker_id: str) -> WorkerConfig:
         for worker in self.workers:
@@ -308,13 +323,13 @@ def _parse_worker(i: int, table) -> WorkerConfig:
         values[key] = value
     for key in _WORKER_OPTIONAL:
         if key in table:
-            values[key] = _check_value(f"workers[{i}]", key, table[key], str, True)
+            values[key] = _check_value(f"workers[{i}]", key, table[key], _WORKER_TYPES[key], True)
     return WorkerConfig(**values)
 
 
 def parse_config(document: dict) -> ClusterConfig:
     """Build a config from a parsed TOML document; raises ConfigError."""
-    unknown = set(document) - {"workers", "ring_vnodes", "curve", *SECTIONS}
+    unknown = set(document) - {"workers", "ring_vnodes", "ring_previous", "curve", *SECTIONS}
     if unknown:
         raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
     raw_workers = document.get("workers")
@@ -327,7 +342,9 @@ def parse_config(document: dict) -> ClusterConfig:
     if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
         raise ConfigError("ring_vnodes must be a positive integer")
     curve = parse_curve(document.get("curve", {}), [w.id for w in workers])
-    return check_config(ClusterConfig(workers, ring_vnodes=vnodes, curve=curve, **sections))
+    previous = _check_value("config", "ring_previous", document.get("ring_previous", []), tuple)
+    return check_config(ClusterConfig(workers, ring_vnodes=vnodes, curve=curve,
+                                      ring_previous=previous, **sections))
 
 
 def check_config(config: ClusterConfig) -> ClusterConfig:
@@ -337,6 +354,14 @@ def check_config(config: ClusterConfig) -> ClusterConfig:
         raise ConfigError(f"worker ids must be unique: {ids}")
     if config.ring_vnodes < 1:
         raise ConfigError("ring_vnodes must be a positive integer")
+    if not config.ring_members:
+        raise ConfigError("every worker is leaving: the ring needs at least one")
+    unknown = [w for w in config.ring_previous if w not in ids]
+    if unknown:
+        raise ConfigError(f"ring_previous names {', '.join(unknown)}, not in [[workers]]: keep a "
+                          "worker's entry (leaving = true) until its channels are handed over")
+    if len(set(config.ring_previous)) != len(config.ring_previous):
+        raise ConfigError(f"ring_previous has duplicate ids: {list(config.ring_previous)}")
     limits, edge, storage = config.limits, config.edge, config.storage
     if limits.default_buffer_size > limits.max_buffer_size:
         raise ConfigError("limits.default_buffer_size is above limits.max_buffer_size")
@@ -558,13 +583,15 @@ def _override(config: ClusterConfig, section: str, key: str, value) -> ClusterCo
 
 def _settable(config: ClusterConfig) -> dict:
     """``variable -> (section, key, type)`` for every key of ``config``."""
-    table = {variable_name("", "ring_vnodes"): ("", "ring_vnodes", int)}
+    table = {variable_name("", "ring_vnodes"): ("", "ring_vnodes", int),
+             variable_name("", "ring_previous"): ("", "ring_previous", tuple)}
     for section, cls in SECTIONS.items():
         for f in fields(cls):
             table[variable_name(section, f.name)] = (section, f.name, type(f.default))
     for worker in config.workers:
         for key in _WORKER_KEYS[1:] + _WORKER_OPTIONAL:
-            table[variable_name(f"workers.{worker.id}", key)] = (f"workers.{worker.id}", key, str)
+            table[variable_name(f"workers.{worker.id}", key)] = (f"workers.{worker.id}", key,
+                                                                _WORKER_TYPES.get(key, str))
     return table
 
 
@@ -647,8 +674,9 @@ def load_config_with_sources(path: Optional[str] = None, environ=None, overrides
         for section in SECTIONS:
             for key in document.get(section, {}):
                 sources[f"{section}.{key}"] = f"file {path}"
-        if "ring_vnodes" in document:
-            sources["ring_vnodes"] = f"file {path}"
+        for key in ("ring_vnodes", "ring_previous"):
+            if key in document:
+                sources[key] = f"file {path}"
         for worker in config.workers:
             for key in _WORKER_KEYS[1:] + _WORKER_OPTIONAL:
                 sources[f"workers.{worker.id}.{key}"] = f"file {path}"
@@ -673,8 +701,8 @@ def effective_values(config: ClusterConfig, sources: dict, path: Optional[str]) 
     def source_of(name: str, from_base: bool) -> str:
         return sources.get(name) or (moved if moved and from_base else default)
 
-    rows = [("ring_vnodes", config.ring_vnodes, source_of("ring_vnodes", False),
-             variable_name("", "ring_vnodes"))]
+    rows = [(key, getattr(config, key), source_of(key, False), variable_name("", key))
+            for key in ("ring_vnodes", "ring_previous")]
     for section in SECTIONS:
         values = getattr(config, section)
         for f in fields(values):

@@ -6,10 +6,14 @@ circle at ``vnodes`` points; a channel belongs to the first point at or after it
 own hash. The hash is BLAKE2b (never Python's ``hash()``, which differs per
 process), so assignments are stable across processes, hosts and releases.
 Adding one worker to W moves about 1/(W+1) of the channels, all of them to it.
+
+While channels move from one ring to the next, both are known: ``source`` tells
+a worker which channels it must first take from their previous owner.
 """
 
 import bisect
 import hashlib
+from typing import Optional
 
 DEFAULT_VNODES = 160
 MAX_REMEMBERED = 65536  # owners of the channels seen lately; the memo is emptied when full
@@ -54,3 +58,12 @@ class Ring:
                 self._remembered.clear()
             self._remembered[channel] = owner
         return owner
+
+
+def source(current: Ring, previous: Optional[Ring], channel: str) -> Optional[str]:
+    """The worker ``channel`` must be taken from before its owner in ``current`` may
+    serve it: its owner in ``previous`` when that is another worker, else None."""
+    if previous is None:
+        return None
+    before = previous.owner(channel)
+    return None if before == current.owner(channel) else before

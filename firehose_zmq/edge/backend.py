@@ -32,6 +32,16 @@ worker drops and comes back, and ``stream_watchers`` hear it (the fan-out then
 stops trusting that link and, once it is back and the worker answers, fetches
 what its listeners missed).
 
+Ring changes: ``reload(config)`` (the edge's SIGHUP) takes a new worker list and
+ring; links to new workers are opened and links to workers no longer in the
+config closed. A worker that does not own a channel answers ``not_owner``
+naming the worker to ask (its ring's owner, or the previous owner that still
+serves the channel until it has the new ring too); the edge sends the request
+there, with the same publish id, at most ``_MAX_FOLLOWS`` times, so edges and
+workers whose rings differ for a moment during a rollout still reach the one
+worker that serves the channel. A worker whose ring differs from the edge's is
+still used (its ``not_owner`` answers route the requests).
+
 Every socket that reads from a worker refuses frames over the message limit
 (``ZMQ_MAXMSGSIZE``, ``frames.frame_limit``): ZeroMQ drops such a connection
 before reading the frame.
@@ -61,6 +71,9 @@ _BATCH = 512
 # The worker is told to refuse a publish this long before the edge gives up on it,
 # so that an accepted publish's reply has time to arrive.
 _DEADLINE_MARGIN_S = 0.5
+# A request refused with not_owner is sent on to the worker the refusal names at
+# most this many times (a rollout where edges and workers disagree for a moment).
+_MAX_FOLLOWS = 3
 # A timer may run up to a clock tick early (uvloop's are in milliseconds); a
 # deadline that close counts as come.
 _TIMER_SLACK_S = 0.001
@@ -79,11 +92,13 @@ class OwnerDown(WorkerUnavailable):
 
 
 class RequestRejected(BackendError):
-    """The worker answered with an error (``code``, and the reason as the message)."""
+    """The worker answered with an error (``code``, and the reason as the message;
+    ``owner``: with not_owner, the worker it names)."""
 
-    def __init__(self, code: str, reason: str):
+    def __init__(self, code: str, reason: str, owner=None):
         super().__init__(reason)
         self.code = code
+        self.owner = owner
 
 
 class SocketReader:
@@ -151,15 +166,19 @@ class WorkerLink:
 
 class Pending:
     """A request waiting for its reply until ``deadline`` (loop time); ``body`` is kept
-    for a publish's one retry."""
+    for a publish's one retry, ``request`` (a channel's request, as sent but its id)
+    to send it on after a not_owner, ``follows`` times so far."""
 
-    __slots__ = ("future", "deadline", "body", "retries_left")
+    __slots__ = ("future", "deadline", "body", "retries_left", "request", "follows")
 
-    def __init__(self, future, deadline: float, body, retries_left: int):
+    def __init__(self, future, deadline: float, body, retries_left: int, request=None,
+                 follows: int = 0):
         self.future = future
         self.deadline = deadline
         self.body = body
         self.retries_left = retries_left
+        self.request = request
+        self.follows = follows
 
 
 class Backend:
@@ -167,7 +186,8 @@ class Backend:
 
     def __init__(self, config, on_message, context=None, on_worker_change=None):
         self.config = config
-        self.ring = Ring([w.id for w in config.workers], config.ring_vnodes)
+        self.ring = Ring(config.ring_members, config.ring_vnodes)
+        self.previous = self._previous_ring(config)
         self._on_message = on_message
         self._on_worker_change = on_worker_change or (lambda worker_id, up: None)
         self._context = context or zmq.Context.instance()
@@ -196,29 +216,46 @@ class Backend:
         # Called with (worker_id, ready): ready when the SUB is connected to the
         # worker and the worker answers; not ready when the SUB's link drops.
         self.stream_watchers: list = []
+        self.followed = 0  # requests sent on after a not_owner
+        self._ring_warned: set = set()  # (worker id, ring version) told about once
 
     # -- lifecycle -------------------------------------------------------------
+
+    def _open_link(self, link) -> None:
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.setsockopt(zmq.SNDHWM, 100000)
+        dealer.setsockopt(zmq.RCVHWM, 100000)
+        dealer.setsockopt(zmq.MAXMSGSIZE, frames.frame_limit(self._max_bytes))
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        link.monitor = dealer.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_FAILED)
+        curve.secure_client(dealer, self.config, link.id)
+        dealer.connect(link.config.router_connect)
+        link.dealer = dealer
+        link.reader = SocketReader(self._loop, dealer,
+                                   lambda frames, link=link: self._on_reply(link, frames))
+        link.monitor_reader = SocketReader(
+            self._loop, link.monitor, lambda frames, link=link: self._on_monitor(link, frames))
+
+    def _close_link(self, link) -> None:
+        for reader, sock in ((link.reader, link.dealer), (link.monitor_reader, link.monitor)):
+            if reader is not None:
+                reader.close()
+            if sock is not None:
+                sock.close(linger=0)
+
+    def _connect_sub(self, link) -> None:
+        curve.secure_client(self._sub, self.config, link.id)
+        self._sub_links[link.config.pub_connect.encode()] = link
+        self._sub.connect(link.config.pub_connect)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for link in self._links.values():
-            dealer = self._context.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.LINGER, 0)
-            dealer.setsockopt(zmq.IMMEDIATE, 1)
-            dealer.setsockopt(zmq.SNDHWM, 100000)
-            dealer.setsockopt(zmq.RCVHWM, 100000)
-            dealer.setsockopt(zmq.MAXMSGSIZE, frames.frame_limit(self._max_bytes))
-            dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-            dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-            link.monitor = dealer.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_FAILED)
-            curve.secure_client(dealer, self.config, link.id)
-            dealer.connect(link.config.router_connect)
-            link.dealer = dealer
-            link.reader = SocketReader(self._loop, dealer,
-                                       lambda frames, link=link: self._on_reply(link, frames))
-            link.monitor_reader = SocketReader(
-                self._loop, link.monitor, lambda frames, link=link: self._on_monitor(link, frames))
+            self._open_link(link)
         self._sub = self._context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 200000)
@@ -233,9 +270,7 @@ class Backend:
         self._sub_monitor_reader = SocketReader(self._loop, self._sub_monitor,
                                                 self._on_sub_monitor)
         for link in self._links.values():
-            curve.secure_client(self._sub, self.config, link.id)
-            self._sub_links[link.config.pub_connect.encode()] = link
-            self._sub.connect(link.config.pub_connect)
+            self._connect_sub(link)
         self._sub_reader = SocketReader(self._loop, self._sub, self._on_pub)
         self._heartbeat = self._loop.call_later(self._interval_s, self._beat)
 
@@ -247,17 +282,57 @@ class Backend:
             self._sweep = None
         for link in self._links.values():
             self._fail_pending(link, "the edge is shutting down")
-            for reader, sock in ((link.reader, link.dealer), (link.monitor_reader, link.monitor)):
-                if reader is not None:
-                    reader.close()
-                if sock is not None:
-                    sock.close(linger=0)
+            self._close_link(link)
         if self._sub_monitor_reader is not None:
             self._sub_monitor_reader.close()
             self._sub_monitor.close(linger=0)
         if self._sub_reader is not None:
             self._sub_reader.close()
             self._sub.close(linger=0)
+
+    @staticmethod
+    def _previous_ring(config):
+        if not config.ring_previous:
+            return None
+        return Ring(config.ring_previous, config.ring_vnodes)
+
+    def reload(self, config) -> bool:
+        """Take the worker list and ring of ``config`` (read again on SIGHUP); links to
+        new workers open, links to workers gone from the config close (their
+        requests fail). Returns whether the ring changed."""
+        ring = Ring(config.ring_members, config.ring_vnodes)
+        old = {w.id: w for w in self.config.workers}
+        new = {w.id: w for w in config.workers}
+        self.config = config
+        for worker_id in [w for w in old if w not in new or new[w].router_connect
+                          != old[w].router_connect or new[w].pub_connect != old[w].pub_connect]:
+            link = self._links.pop(worker_id)
+            self._fail_pending(link, f"worker {worker_id} left the config")
+            self._close_link(link)
+            endpoint = link.config.pub_connect.encode()
+            if self._sub_links.pop(endpoint, None) is not None:
+                try:
+                    self._sub.disconnect(link.config.pub_connect)
+                except zmq.ZMQError:
+                    pass
+            if link.alive:
+                link.alive = False
+                self._on_worker_change(worker_id, False)
+        for worker_id, worker in new.items():
+            if worker_id in self._links:
+                self._links[worker_id].config = worker
+                continue
+            link = self._links[worker_id] = WorkerLink(worker)
+            self._open_link(link)
+            self._connect_sub(link)
+            self._sub_reader.soon()
+        changed = ring.version != self.ring.version
+        if changed:
+            log.info("ring changed from %s to %s (%s)", self.ring.version, ring.version,
+                     ", ".join(ring.worker_ids))
+        self.ring = ring
+        self.previous = self._previous_ring(config)
+        return changed
 
     # -- routing ---------------------------------------------------------------
 
@@ -271,8 +346,18 @@ class Backend:
         return {worker_id: link.alive for worker_id, link in self._links.items()}
 
     def request(self, channel: str, op: str, **fields) -> asyncio.Future:
-        """Send ``op`` for ``channel`` to its owner; the future gets the reply map."""
-        return self.call(self.owner(channel), {"op": op, "channel": channel, **fields})
+        """Send ``op`` for ``channel`` to its owner; the future gets the reply map.
+
+        During a ring change, while the link to the new owner is not up yet (a
+        worker just added), the request goes to the channel's previous owner,
+        which serves it or names the worker to ask."""
+        owner = self.ring.owner(channel)
+        if self.previous is not None and not self._links[owner].alive:
+            before = self.previous.owner(channel)
+            link = self._links.get(before)
+            if link is not None and link.alive:
+                owner = before
+        return self.call(owner, {"op": op, "channel": channel, **fields})
 
     def call(self, worker_id: str, request: dict, force: bool = False) -> asyncio.Future:
         """Send a request to one worker; the future gets the reply or a BackendError.
@@ -288,16 +373,36 @@ class Backend:
         retries = 0
         if request.get("op") == "publish":
             retries = 1
-            request = {"id": request_id,
-                       "publish_id": f"{self._publish_id_prefix}-{request_id}",
+            request = {"publish_id": f"{self._publish_id_prefix}-{request_id}",
                        "deadline_ms": int(1000 * (time.time() + self._timeout_s
                                                   - min(_DEADLINE_MARGIN_S, self._timeout_s / 4))),
                        **request}
-        else:
-            request = {"id": request_id, **request}
-        body = frames.encode_request(request)
+        body = frames.encode_request({"id": request_id, **request})
         deadline = self._loop.time() + self._timeout_s
-        link.pending[request_id] = Pending(future, deadline, body if retries else None, retries)
+        link.pending[request_id] = Pending(future, deadline, body if retries else None, retries,
+                                           request if "channel" in request else None)
+        self._queue(link, request_id, body, deadline)
+        return future
+
+    def _follow(self, entry, worker_id: str) -> bool:
+        """Send a refused request on to ``worker_id`` (a not_owner named it), with the
+        same publish id and the time left of its deadline; False when it cannot go."""
+        link = self._links.get(worker_id)
+        if link is None or not link.alive or entry.follows >= _MAX_FOLLOWS:
+            return False
+        request_id = next(self._ids)
+        body = frames.encode_request({"id": request_id, **entry.request})
+        # A fresh deadline keeps each link's pending requests in deadline order; a
+        # publish still carries its first deadline_ms, which the worker enforces.
+        deadline = self._loop.time() + self._timeout_s
+        link.pending[request_id] = Pending(entry.future, deadline,
+                                           body if entry.body is not None else None,
+                                           entry.retries_left, entry.request, entry.follows + 1)
+        self.followed += 1
+        self._queue(link, request_id, body, deadline)
+        return True
+
+    def _queue(self, link, request_id, body: bytes, deadline: float) -> None:
         if self._sweep is None:
             self._sweep = self._loop.call_at(deadline, self._expire_due)
         # Requests made in one loop turn leave together, at its end: each send that
@@ -307,7 +412,6 @@ class Backend:
         if not self._send_scheduled:
             self._send_scheduled = True
             self._loop.call_soon(self._send_outgoing)
-        return future
 
     def _send_outgoing(self) -> None:
         self._send_scheduled = False
@@ -377,8 +481,15 @@ class Backend:
             return
         if reply["ok"]:
             future.set_result(reply)
-        else:
-            future.set_exception(RequestRejected(reply["error"], reply["reason"]))
+            return
+        owner = reply.get("owner")
+        if (reply["error"] == frames.NOT_OWNER and entry.request is not None
+                and isinstance(owner, str) and owner != link.id and self._follow(entry, owner)):
+            log.debug("%s for %r sent on from worker %s to %s", entry.request.get("op"),
+                      entry.request.get("channel"), link.id, owner)
+            return
+        future.set_exception(RequestRejected(reply["error"], reply["reason"],
+                                             owner if isinstance(owner, str) else None))
 
     def _fail_pending(self, link, reason: str, keep_retryable: bool = False) -> None:
         """Fail the link's pending requests; with ``keep_retryable`` publishes that
@@ -473,10 +584,14 @@ class Backend:
         if future.exception() is not None:
             return
         reply = future.result()
-        if reply.get("ring") != self.ring.version:
-            log.error("worker %s has ring %s, this edge has %s: check that every process reads "
-                      "the same config", link.id, reply.get("ring"), self.ring.version)
-            return
+        ring = reply.get("ring")
+        if ring != self.ring.version and (link.id, ring) not in self._ring_warned:
+            # Expected for a moment while a ring change is rolled out; for good, a
+            # process reads another config.
+            self._ring_warned.add((link.id, ring))
+            log.warning("worker %s has ring %s, this edge has %s: its not_owner answers route "
+                        "requests until every process has read the same config", link.id, ring,
+                        self.ring.version)
         if link.connected:
             self._set_alive(link, True, "answered a heartbeat")
 

@@ -389,6 +389,20 @@ class Fanout:
             self._offer(listener, live)
         self.latency.observe(time.monotonic() - started)
 
+    def ring_changed(self) -> None:
+        """The ring changed: channels may now come from another worker, whose stream
+        this edge has not heard them on. Stop trusting every feed and re-sync the
+        ones with listeners (the fetch goes to the new owner)."""
+        queued = []
+        for channel, feed in self._feeds.items():
+            feed.synced = False
+            if feed.listeners:
+                queued.append(channel)
+        if queued:
+            log.info("ring changed: re-syncing %d channels", len(queued))
+        self._resync_queue.extend(queued)
+        self._resync_next()
+
     def owner_lost(self, worker_id: str) -> None:
         """The subscriptions to ``worker_id`` may have missed messages: stop trusting them."""
         owner = self._backend.owner

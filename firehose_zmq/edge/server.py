@@ -17,7 +17,7 @@ import time
 import tornado.netutil
 
 from .. import cli
-from ..config import ConfigError
+from ..config import ConfigError, load_config_with_sources
 from ..admin import EdgeAdmin
 from ..auth.hooks import load_subscription_filter
 from ..auth.tokens import AuthError, Authorizer
@@ -62,6 +62,12 @@ class Edge:
         self.server = None
         self.stopping = False  # set by stop(): a long-poll started now is answered 204 at once
         self.admin = EdgeAdmin(self)  # metrics, health, status page on [admin] bind
+
+    def reload(self, config) -> None:
+        """Take the worker list and ring of a config read again (SIGHUP); other keys
+        need a restart."""
+        if self.backend.reload(config):
+            self.fanout.ring_changed()
 
     def _on_message(self, message) -> None:
         self.fanout.on_message(message)
@@ -187,9 +193,16 @@ class Edge:
 
 
 async def serve(config, stop: asyncio.Event, native: bool, reuse_port: bool,
-                fast_path: bool) -> None:
+                fast_path: bool, reload_config=None) -> None:
     edge = Edge(config, native=native, reuse_port=reuse_port, fast_path=fast_path)
     await edge.start()
+    if reload_config is not None:
+        def reload() -> None:
+            try:
+                edge.reload(reload_config())
+            except ConfigError as exc:
+                log.error("the config read again cannot be used; ring kept: %s", exc)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("edge stopping: answering waiting subscribers")
     await edge.stop()
@@ -216,7 +229,8 @@ def main(argv=None) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         await serve(config, stop, native=not args.no_native, reuse_port=args.reuse_port,
-                    fast_path=not args.no_fast_path)
+                    fast_path=not args.no_fast_path,
+                    reload_config=lambda: load_config_with_sources(args.config)[0])
 
     try:
         if args.loop == "uvloop":

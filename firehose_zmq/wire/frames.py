@@ -26,16 +26,35 @@ Requests: DEALER (edge or native client) -> ROUTER (worker or edge)::
     delete:  channel (str)
     ping:    nothing
 
+Between workers while channels move to a new ring (README, "Growing the
+cluster"); the new owner's DEALER -> the old owner's ROUTER::
+
+    handoff_take: ring (str: the asker's ring version; the holder refuses with
+                  ring_mismatch unless it is its own), to (str: the asker's
+                  worker id), channels (list of str, optional: just these, each
+                  of which the ring must give to ``to``; without it, every
+                  channel the holder has for ``to``, in name order),
+                  after (str, optional: without ``channels``, only names above
+                  it), limit (int >= 1, optional: at most this many channels),
+                  done (list of str, optional: channels the asker has committed;
+                  the holder drops its copies first)
+
 Replies: the same envelope, then one msgpack map::
 
     {"v": 1, "id": <echoed>, "ok": true, ...}
         publish -> seq, epoch (duplicate: true for a recognised retry)
         fetch   -> seq, epoch, messages: [[seq, data], ...]
         delete  -> existed;     ping  -> worker, ring
+        handoff_take -> channels: [[name, epoch, seq, expires_at (float|nil),
+                        [[seq, data], ...]], ...] (the held ones; their buffers,
+                        oldest first), absent: [names asked for and not held],
+                        publish_ids: [[publish_id, name, seq, epoch], ...] of those
+                        channels, more (bool: channels are left after ``last``),
+                        last (str: the last name considered; "" for none)
     {"v": 1, "id": <echoed or nil>, "ok": false, "error": <code>, "reason": <str>,
-     "ring": <ring version>}
+     "ring": <ring version>, "owner": <worker id, with not_owner: whom to ask>}
     codes: bad_request, not_owner, unsupported_version, too_large, unavailable,
-           deadline, overloaded, quota
+           deadline, overloaded, quota, ring_mismatch
 
 Messages: worker PUB/XPUB -> edge SUB (and native subscribers)::
 
@@ -69,6 +88,9 @@ DEADLINE = "deadline"        # the request's deadline_ms had passed when it was 
 OVERLOADED = "overloaded"    # the worker's store is too far behind to take more
 QUOTA = "quota"              # the worker holds as much as its quotas allow
 FORBIDDEN = "forbidden"      # the client's CURVE key does not grant that channel
+RING_MISMATCH = "ring_mismatch"  # a handoff_take from a worker on another ring version
+
+MAX_HANDOFF_NAMES = 10000  # channel names one handoff_take may carry in each list
 
 _ENVELOPE_SLACK_BYTES = 64 * 1024
 
@@ -81,10 +103,11 @@ _pack = msgpack.Packer(use_bin_type=True).pack
 class ProtocolError(ValueError):
     """A frame that does not follow the wire format; ``code`` is the error code."""
 
-    def __init__(self, reason: str, code: str = BAD_REQUEST, request_id=None):
+    def __init__(self, reason: str, code: str = BAD_REQUEST, request_id=None, owner=None):
         super().__init__(reason)
         self.code = code
         self.request_id = request_id
+        self.owner = owner  # with NOT_OWNER: the worker to ask instead
 
 
 class PubMessage(NamedTuple):
@@ -177,6 +200,11 @@ def _is_publish_id(value) -> bool:
     return isinstance(value, bytes) and 0 < len(value) <= MAX_PUBLISH_ID_BYTES
 
 
+def _is_names(value) -> bool:
+    return (isinstance(value, list) and len(value) <= MAX_HANDOFF_NAMES
+            and all(isinstance(name, str) for name in value))
+
+
 # op -> {field: (check, what it must be, required)}
 _REQUEST_FIELDS = {
     "publish": {
@@ -197,6 +225,14 @@ _REQUEST_FIELDS = {
     },
     "delete": {"channel": (_is_str, "a string", True)},
     "ping": {},
+    "handoff_take": {
+        "ring": (_is_str, "a string", True),
+        "to": (_is_str, "a string", True),
+        "channels": (_is_names, f"a list of at most {MAX_HANDOFF_NAMES} strings", False),
+        "after": (_is_str, "a string", False),
+        "limit": (_positive_int, "an integer >= 1", False),
+        "done": (_is_names, f"a list of at most {MAX_HANDOFF_NAMES} strings", False),
+    },
 }
 _COMMON_FIELDS = ("v", "id", "op")
 _MISSING = object()
@@ -253,10 +289,13 @@ def reply_fields(reply: dict) -> dict:
     return {k: v for k, v in reply.items() if k not in ("v", "id", "ok")}
 
 
-def encode_error(request_id, code: str, reason: str, ring_version: str) -> bytes:
-    """A failed reply body."""
-    return _pack({"v": VERSION, "id": request_id, "ok": False, "error": code,
-                  "reason": reason, "ring": ring_version})
+def encode_error(request_id, code: str, reason: str, ring_version: str, owner=None) -> bytes:
+    """A failed reply body (``owner``: with not_owner, the worker to ask instead)."""
+    body = {"v": VERSION, "id": request_id, "ok": False, "error": code, "reason": reason,
+            "ring": ring_version}
+    if owner is not None:
+        body["owner"] = owner
+    return _pack(body)
 
 
 def decode_reply(frame: bytes, max_bytes: int) -> dict:
@@ -306,3 +345,68 @@ def decode_message(frames: list, max_bytes: int) -> PubMessage:
     if topic(channel) != bytes(topic_frame):
         raise ProtocolError("message topic does not match its channel")
     return PubMessage(channel, seq, epoch, data, ttl)
+
+
+class HandoffChannel(NamedTuple):
+    """One channel's state as a handoff_take reply carries it."""
+
+    name: str
+    epoch: int
+    seq: int
+    expires_at: Optional[float]
+    messages: list  # [(seq, data)], oldest first, contiguous, ending at seq
+
+
+class Handoff(NamedTuple):
+    """A decoded handoff_take reply."""
+
+    channels: list      # [HandoffChannel]
+    absent: list        # [name]
+    publish_ids: list   # [(publish_id, name, seq, epoch)]
+    more: bool
+    last: str
+
+
+def encode_handoff(request_id, channels, absent, publish_ids, more: bool, last: str) -> bytes:
+    """The reply to a handoff_take (``channels`` are HandoffChannel)."""
+    return encode_reply(request_id,
+                        channels=[[c.name, c.epoch, c.seq, c.expires_at,
+                                   [list(m) for m in c.messages]] for c in channels],
+                        absent=list(absent), publish_ids=[list(p) for p in publish_ids],
+                        more=more, last=last)
+
+
+def _is_expiry(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _handoff_channel(entry) -> HandoffChannel:
+    if not (isinstance(entry, list) and len(entry) == 5 and _is_str(entry[0])
+            and _positive_int(entry[1]) and _nonneg_int(entry[2]) and _is_expiry(entry[3])
+            and isinstance(entry[4], list)):
+        raise ProtocolError("a handoff channel is [name, epoch, seq, expires_at, messages]")
+    name, epoch, seq, expires_at, messages = entry
+    for i, message in enumerate(messages):
+        if not (isinstance(message, list) and len(message) == 2 and _is_bytes(message[1])
+                and message[0] == seq - len(messages) + 1 + i):
+            raise ProtocolError(f"the messages of handoff channel {name!r} are not "
+                                f"[seq, data] pairs contiguous up to {seq}")
+    return HandoffChannel(name, epoch, seq, None if expires_at is None else float(expires_at),
+                          [(s, d) for s, d in messages])
+
+
+def decode_handoff(reply: dict) -> Handoff:
+    """Check the fields of a successful handoff_take reply; raises ProtocolError."""
+    channels, absent = reply.get("channels"), reply.get("absent")
+    publish_ids, more, last = reply.get("publish_ids"), reply.get("more"), reply.get("last")
+    if not (isinstance(channels, list) and _is_names(absent) and isinstance(publish_ids, list)
+            and _is_bool(more) and _is_str(last)):
+        raise ProtocolError("a handoff reply needs channels, absent, publish_ids, more, last")
+    ids = []
+    for entry in publish_ids:
+        if not (isinstance(entry, list) and len(entry) == 4 and _is_publish_id(entry[0])
+                and _is_str(entry[1]) and _positive_int(entry[2]) and _positive_int(entry[3])):
+            raise ProtocolError("a handoff publish id is [publish_id, name, seq, epoch]")
+        ids.append(tuple(entry))
+    return Handoff([_handoff_channel(entry) for entry in channels], list(absent), ids, more,
+                   last)

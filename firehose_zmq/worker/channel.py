@@ -273,6 +273,13 @@ class PublishIds:
             self._shift(now)
         self._newer[publish_id] = f"{seq}:{epoch}:{channel}"
 
+    def items(self):
+        """Every remembered id as ``(publish_id, channel, seq, epoch)``, newest half first."""
+        for ids in (self._newer, self._older):
+            for publish_id, value in ids.items():
+                seq, epoch, channel = value.split(":", 2)
+                yield publish_id, channel, int(seq), int(epoch)
+
     def rotate(self, now: float) -> Optional[float]:
         """Forget the older half once the newer is ``window_s`` old. Returns the new
         ``kept_since`` when ids were forgotten since the last call (here, or by the

@@ -39,6 +39,13 @@ that was current when it was made is committed, so a crash can lose nothing a
 client saw; the loop never waits for the disk itself. ``async`` answers first
 and commits within the flush interval; ``memory`` keeps no file.
 
+Ring changes (``handoff``): on SIGHUP the worker reads its config file again;
+a new worker list or ``ring_previous`` changes its ring, and channels that move
+to it are taken from their previous owner before it serves them (requests for
+them wait, parked, meanwhile); channels that move away are refused with
+``not_owner`` naming their new owner and handed over when it asks. Only the ring
+is applied on SIGHUP; other keys need a restart.
+
 A publish may carry a ``publish_id``: the worker remembers ids (with the seq
 and epoch they got, in the store too) for ``publish_id_window_s``, so a retry
 after a lost reply, even across a restart, is answered with the first result
@@ -58,12 +65,14 @@ import zmq
 from ..auth import curve
 from ..wire import frames
 from .channel import ChannelTable, PublishIds
+from .handoff import Handoff
 from .. import cli
 from ..admin import WorkerAdmin
-from ..config import DURABILITY_MODES, ConfigError, check_storage
+from ..config import DURABILITY_MODES, ConfigError, check_storage, load_config_with_sources
 from ..wire.names import InvalidName, check_channel
 from ..ring import Ring
-from .store import (DeleteOp, EpochOp, PruneOp, PublishOp, Store, StoreError, StoreWriter)
+from .store import (DeleteOp, EpochOp, PruneOp, PublishOp, RestoreOp, Store, StoreError,
+                    StoreWriter)
 from ..zmqraw import NOBLOCK, readable, recv, recv_frames, send_frames
 
 log = logging.getLogger("firehose.worker")
@@ -95,13 +104,17 @@ class Counters:
         self.commits = 0  # store transactions (group commits), counted when the store stops
 
 
+class _Parked(Exception):
+    """The request's channel is being taken from its previous owner: hold the request."""
+
+
 class Worker:
     """The state and request handling of one worker; ``run`` is its loop."""
 
     def __init__(self, config, worker_id: str, context=None, clock=time.time):
         self.config = config
         self.me = config.worker(worker_id)
-        self.ring = Ring([w.id for w in config.workers], config.ring_vnodes)
+        self.ring = Ring(config.ring_members, config.ring_vnodes)
         self.limits = config.limits
         self.storage = check_storage(config.storage)
         self.counters = Counters()
@@ -110,6 +123,7 @@ class Worker:
         self._last_epoch = time.time_ns()
         self.channels = ChannelTable(self._new_epoch)
         self._context = context or zmq.Context.instance()
+        self._poller = zmq.Poller()
         self._router = None
         self._xpub = None
         self._writer = None          # StoreWriter unless durability is "memory"
@@ -124,6 +138,12 @@ class Worker:
         self._resend_interval_s = self.limits.resend_newest_interval_ms / 1000.0
         self._resent_at: dict = {}   # channel -> monotonic time of its last re-send
         self._resend_due: dict = {}  # channel -> monotonic time its deferred re-send is due
+        self.handoff = Handoff(self)
+        self._parking = None         # (channel, request id) of the request being parked
+        # A request for a channel being taken waits at most this long for the take.
+        self.take_timeout_s = min(2.0, config.edge.request_timeout_s / 2)
+        self.reload_requested = False  # set by SIGHUP: apply reload_config() next turn
+        self.reload_config = None      # () -> ClusterConfig, set by main
 
     @property
     def store_path(self) -> str:
@@ -198,6 +218,92 @@ class Worker:
         self._xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         curve.secure_server(self._xpub, self.config, self.me.id)
         self._xpub.bind(self.me.pub_bind)
+        self.handoff.set_previous(self.config.ring_previous, self.config.ring_vnodes)
+
+    # -- what the handoff uses ------------------------------------------------------
+
+    @property
+    def context(self):
+        return self._context
+
+    @property
+    def publish_ids(self) -> PublishIds:
+        return self._publish_ids
+
+    def clock(self) -> float:
+        return self._clock()
+
+    def poll_register(self, sock) -> None:
+        self._poller.register(sock, zmq.POLLIN)
+
+    def poll_unregister(self, sock) -> None:
+        self._poller.unregister(sock)
+
+    def record(self, op) -> None:
+        self._record(op)
+
+    def visible_ticket(self) -> int:
+        return 0 if self._writer is None else self._visible_ticket()
+
+    def committed_ticket(self) -> int:
+        return 0 if self._writer is None else self._writer.committed_ticket
+
+    def send_reply(self, parts) -> None:
+        """Send a reply (envelope, body) to the ROUTER once what it reveals is stored."""
+        self._send(self._router, parts)
+
+    def restore_channel(self, entry, publish_ids, now: float) -> None:
+        """Take over a channel's state (a ``frames.HandoffChannel``) and its publish ids
+        ``[(publish_id, seq, epoch)]`` from its previous owner, in memory and store."""
+        self._last_epoch = max(self._last_epoch, entry.epoch)
+        self.channels.restore(entry.name, entry.epoch, entry.seq, entry.messages,
+                              entry.expires_at, len(entry.messages))
+        for publish_id, seq, epoch in publish_ids:
+            self._publish_ids.add(publish_id, entry.name, seq, epoch, now)
+        self._record(RestoreOp(entry.name, entry.epoch, entry.seq, entry.expires_at,
+                               entry.messages,
+                               [(publish_id, seq, epoch, now)
+                                for publish_id, seq, epoch in publish_ids]))
+
+    def apply_config(self, config) -> None:
+        """Take the ring of a config read again (SIGHUP); other keys need a restart."""
+        try:
+            config.worker(self.me.id)
+        except ConfigError as exc:
+            log.error("worker %s keeps ring %s: %s", self.me.id, self.ring.version, exc)
+            return
+        ring = Ring(config.ring_members, config.ring_vnodes)
+        previous = Ring(config.ring_previous, config.ring_vnodes) if config.ring_previous \
+            else None
+        old_previous = self.handoff.previous
+        if ring.version == self.ring.version and (previous and previous.version) == (
+                old_previous and old_previous.version):
+            log.info("worker %s: config read again; ring %s unchanged", self.me.id,
+                     ring.version)
+            return
+        before = self.ring
+        self.config = config
+        self.ring = ring
+        self._valid_names.clear()
+        self.handoff.set_previous(config.ring_previous, config.ring_vnodes)
+        away = sum(1 for c in self.channels.channels() if ring.owner(c.name) != self.me.id)
+        log.info("worker %s: ring changed from %s to %s (%s)%s; %d channels held here belong "
+                 "to other workers now; taking from %s", self.me.id, before.version,
+                 ring.version, ", ".join(ring.worker_ids),
+                 f", previous ring {previous.version}" if previous else "", away,
+                 ", ".join(self.handoff.status()["taking_from"]) or "nobody")
+
+    def _reload(self) -> None:
+        self.reload_requested = False
+        if self.reload_config is None:
+            return
+        try:
+            config = self.reload_config()
+        except ConfigError as exc:
+            log.error("worker %s: the config read again cannot be used; ring %s kept: %s",
+                      self.me.id, self.ring.version, exc)
+            return
+        self.apply_config(config)
 
     def log_ready(self) -> None:
         log.info("worker %s ready: requests on %s, messages on %s (ring %s, %d workers)",
@@ -210,6 +316,7 @@ class Worker:
             self._writer.stop(_STOP_TIMEOUT_S)
             self.counters.commits = self._writer.commits
             self._writer = None
+        self.handoff.close()
         for sock in (self._router, self._xpub):
             if sock is not None:
                 sock.close(linger=linger_ms)
@@ -221,15 +328,18 @@ class Worker:
 
         Returns False when the store failed (the worker stopped at once: what was not
         committed was not acknowledged) or could not be flushed in time."""
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._xpub, zmq.POLLIN)
         notify = self._writer.notify_socket if self._writer is not None else None
         if notify is not None:
             poller.register(notify, zmq.POLLIN)
         next_expiry = self._clock() + _EXPIRE_EVERY_S
+        handoff = self.handoff
         try:
             while not should_stop():
+                if self.reload_requested:
+                    self._reload()
                 ready = dict(poller.poll(self._poll_ms()))
                 if notify is not None and notify in ready:
                     self._flush_outbox()
@@ -237,6 +347,11 @@ class Worker:
                     self._drain_requests()
                 if self._xpub in ready:
                     self._drain_subscriptions()
+                if handoff.sources:
+                    for sock in handoff.sockets():
+                        if sock in ready:
+                            handoff.drain(sock)
+                    handoff.tick(time.monotonic())
                 if self._resend_due:
                     self._resend_due_now()
                 now = self._clock()
@@ -309,6 +424,8 @@ class Worker:
 
     def _flush_outbox(self) -> None:
         committed = self._writer.committed() if self._writer is not None else 0
+        if self.handoff.sources:
+            self.handoff.committed(committed)
         outbox = self._outbox
         while outbox and (self._writer is None or outbox[0][0] <= committed):
             _, sock, parts = outbox.popleft()
@@ -346,15 +463,25 @@ class Worker:
             if len(parts) < 2:
                 self._reject(f"request of {len(parts)} frame(s) has no body")
                 continue
-            self._reply_reveals_state = True
-            parts[-1] = self.handle_request(parts[-1])  # the envelope, then the reply
-            if self._reply_reveals_state:
-                self._send(router, parts)
-            else:
-                # A heartbeat must not wait behind the disk, or a slow commit
-                # would get a healthy worker declared down.
-                send_frames(router, parts)
+            self.serve(parts)
         return True
+
+    def serve(self, parts) -> None:
+        """Handle one request (its envelope, then its body) and send the reply, or
+        park it while its channel is being taken from its previous owner."""
+        self._reply_reveals_state = True
+        reply = self.handle_request(parts[-1])
+        if reply is None:
+            name, request_id = self._parking
+            self.handoff.park(name, parts, request_id)
+            return
+        parts[-1] = reply  # the envelope, then the reply
+        if self._reply_reveals_state:
+            self._send(self._router, parts)
+        else:
+            # A heartbeat must not wait behind the disk, or a slow commit
+            # would get a healthy worker declared down.
+            send_frames(self._router, parts)
 
     def _drain_subscriptions(self) -> None:
         """Apply the subscriptions ``frames.decode_subscription`` accepts; refuse the rest.
@@ -435,8 +562,9 @@ class Worker:
         if count <= 10 or count % 1000 == 0:
             log.warning("rejected frame (%d so far): %s", count, reason)
 
-    def handle_request(self, body: bytes) -> bytes:
-        """One request body in, one reply body out; never raises."""
+    def handle_request(self, body: bytes):
+        """One request body in, one reply body out (None: the request is parked, see
+        ``serve``); never raises."""
         self.counters.requests += 1
         try:
             request = frames.decode_request(body, self.limits.max_message_bytes)
@@ -446,10 +574,15 @@ class Worker:
         request_id = request["id"]
         try:
             return self._dispatch(request)
+        except _Parked:
+            self._parking = (request["channel"], request_id)
+            return None
         except frames.ProtocolError as exc:
-            if exc.code not in (frames.DEADLINE, frames.OVERLOADED, frames.QUOTA):
+            if exc.code not in (frames.DEADLINE, frames.OVERLOADED, frames.QUOTA,
+                                frames.NOT_OWNER, frames.RING_MISMATCH, frames.UNAVAILABLE):
                 self._reject(str(exc))
-            return frames.encode_error(request_id, exc.code, str(exc), self.ring.version)
+            return frames.encode_error(request_id, exc.code, str(exc), self.ring.version,
+                                       owner=exc.owner)
         except Exception:
             log.exception("request %r failed", request.get("op"))
             return frames.encode_error(request_id, "internal", "internal error in the worker",
@@ -469,7 +602,9 @@ class Worker:
         if owner != self.me.id:
             raise frames.ProtocolError(
                 f"worker {self.me.id} does not own {name!r} (owner {owner}) in ring "
-                f"{self.ring.version}", frames.NOT_OWNER)
+                f"{self.ring.version}", frames.NOT_OWNER, owner=owner)
+        if self.handoff.active and not self.handoff.check(name, request["id"]):
+            raise _Parked()
         return name
 
     def _dispatch(self, request) -> bytes:
@@ -477,6 +612,8 @@ class Worker:
         if op == "ping":
             self._reply_reveals_state = False
             return frames.encode_reply(request_id, worker=self.me.id, ring=self.ring.version)
+        if op == "handoff_take":
+            return self.handoff.give(request)
         name = self._owned_channel(request)
         now = self._clock()
         if op == "publish":
@@ -590,9 +727,12 @@ def main(argv=None) -> int:
     parser.add_argument("--durability", choices=DURABILITY_MODES,
                         help="override storage.durability (default: the config's, sync)")
     parser.add_argument("--data-dir", help="override storage.data_dir (default: ./var)")
-    started = cli.start(parser, argv, lambda args: {
-        **({("storage", "durability"): (args.durability, "--durability")} if args.durability else {}),
-        **({("storage", "data_dir"): (args.data_dir, "--data-dir")} if args.data_dir else {})})
+    def overrides(args) -> dict:
+        return {
+            **({("storage", "durability"): (args.durability, "--durability")}
+               if args.durability else {}),
+            **({("storage", "data_dir"): (args.data_dir, "--data-dir")} if args.data_dir else {})}
+    started = cli.start(parser, argv, overrides)
     if started.exit_code is not None:
         return started.exit_code
     args, config = started.args, started.config
@@ -604,6 +744,11 @@ def main(argv=None) -> int:
     stopping = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.append(True))
+
+    def reload_config():
+        return load_config_with_sources(args.config, overrides=overrides(args))[0]
+    worker.reload_config = reload_config
+    signal.signal(signal.SIGHUP, lambda *_: setattr(worker, "reload_requested", True))
     admin = WorkerAdmin(worker)
     try:
         worker.bind()

@@ -123,6 +123,19 @@ class EpochOp(NamedTuple):
     epoch: int
 
 
+class RestoreOp(NamedTuple):
+    """A channel taken from its previous owner (a ring change): replace whatever is
+    stored of it with this state; ``messages`` are ``(seq, data)``, oldest first, and
+    ``publish_ids`` ``(publish_id, seq, epoch, at)`` of its recent publishes."""
+
+    name: str
+    epoch: int
+    seq: int
+    expires_at: Optional[float]
+    messages: list
+    publish_ids: list
+
+
 class PruneOp(NamedTuple):
     """Forget publish ids recorded before ``before`` (wall-clock seconds)."""
 
@@ -313,6 +326,16 @@ class Store:
             db.execute("UPDATE channels SET epoch = ? WHERE name = ?", (op.epoch, op.name))
         elif type(op) is PruneOp:
             db.execute("DELETE FROM publish_ids WHERE at < ?", (op.before,))
+        elif type(op) is RestoreOp:
+            self._delete(op.name)
+            db.execute("INSERT INTO channels (name, epoch, seq, buffer_size, expires_at) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       (op.name, op.epoch, op.seq, len(op.messages), op.expires_at))
+            db.executemany("INSERT INTO messages (name, seq, data) VALUES (?, ?, ?)",
+                           [(op.name, seq, data) for seq, data in op.messages])
+            db.executemany("INSERT OR REPLACE INTO publish_ids (publish_id, name, epoch, seq, at)"
+                           " VALUES (?, ?, ?, ?, ?)",
+                           [(pid, op.name, epoch, seq, at) for pid, seq, epoch, at in op.publish_ids])
         else:
             raise TypeError(f"not a store operation: {op!r}")
 

@@ -178,7 +178,7 @@ class EdgeCollector:
 def _histogram(name: str, help_text: str, cumulative, sum_s: float, labels=(), values=()):
     """A Prometheus histogram from ``LatencyHistogram.cumulative()`` and its sum."""
     family = HistogramMetricFamily(name, help_text, labels=list(labels))
-    buckets = [("+Inf" if bound == float("inf") else repr(bound), count)
+    buckets = [(bound if bound == "+Inf" else repr(bound), count)
                for bound, count in cumulative]
     family.add_metric(list(values), buckets, sum_s)
     return family

@@ -30,9 +30,10 @@ class LatencyHistogram:
         self.sum_s += seconds
 
     def cumulative(self) -> list:
-        """``[(upper bound, count at or below it)]``, ``inf`` last (Prometheus' shape)."""
+        """``[(upper bound, count at or below it)]``, ``"+Inf"`` last (Prometheus' shape,
+        and JSON's: it has no infinity)."""
         total, out = 0, []
-        for bound, count in zip((*self.bounds, float("inf")), list(self.counts)):
+        for bound, count in zip((*self.bounds, "+Inf"), list(self.counts)):
             total += count
             out.append((bound, total))
         return out

@@ -43,6 +43,8 @@ _SPECIAL = {
     ("auth", "callout_ops"): (("publish",), "publish", {}),
     ("auth", "callout_url"): ("http://127.0.0.1:9/ok", "http://127.0.0.1:9/ok", {}),
     ("edge", "host"): ("0.0.0.0", "0.0.0.0", {"FIREHOSE_AUTH_ALLOW_OPEN_PUBLISH": "true"}),
+    ("edge", "tls_cert"): ("/c.pem", "/c.pem", {"FIREHOSE_EDGE_TLS_KEY": "/k.pem"}),
+    ("edge", "tls_key"): ("/k.pem", "/k.pem", {"FIREHOSE_EDGE_TLS_CERT": "/c.pem"}),
 }
 
 

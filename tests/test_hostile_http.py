@@ -232,6 +232,7 @@ def test_a_subscription_naming_too_many_channels_is_400_at_once(cluster):
     cpu_before = _cpu_s(pid)
     answer = request(cluster.url("/channels@firehose"), "POST", body)
     cpu = _cpu_s(pid) - cpu_before
+    print(f"100,000-channel subscription: {answer.status} after {cpu:.3f} s of edge CPU")
     assert answer.status == 400
     assert "at most 1000 channels" in json.loads(answer.body)["reason"]
     assert cpu < 1.0
@@ -360,6 +361,8 @@ def test_out_of_descriptors_the_edge_backs_off_and_recovers(cluster, tmp_path):
         for sock in held:
             sock.close()
         edge.stop()
+    print(f"out of descriptors: {cpu:.3f} s of edge CPU in 2 s, "
+          f"{log.count('cannot accept connections')} warning line(s)")
     assert cpu < 1.0, f"the edge spun for {cpu:.2f} s of CPU in 2 s"
     assert "Traceback" not in log
     assert log.count("cannot accept connections") <= 3

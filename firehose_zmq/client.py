@@ -301,7 +301,7 @@ def _reason(response: HttpResponse) -> str:
 
 def publish_program(url: str, data: bytes, ttl_s=None, buffer_size=None, persist=False,
                     timeout_s: float = 10.0):
-    """PUT ``data`` to the channel ``url``; returns the sequence it got (PROTOCOL.md §2)."""
+    """PUT ``data`` to the channel ``url``; returns the sequence it got (docs/protocol.md §2)."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     headers = {"Content-Type": "application/octet-stream"}

@@ -60,11 +60,11 @@ class EdgeConfig:
     cors_allow_origins: tuple = ()
     metrics_bucket_s: int = 5
     metrics_buckets: int = 60
-    # Native ZeroMQ (PROTOCOL.md §10): the edge binds both; clients connect.
+    # Native ZeroMQ (docs/protocol.md §10): the edge binds both; clients connect.
     native_pub_bind: str = "tcp://127.0.0.1:7475"  # XPUB: native SUB sockets connect here
     native_router_bind: str = "tcp://127.0.0.1:7476"  # ROUTER: native DEALER/REQ connect here
     native_send_hwm: int = 10000  # messages queued per native subscriber before drops
-    # WebSocket and Server-Sent Events (PROTOCOL.md §6-7)
+    # WebSocket and Server-Sent Events (docs/protocol.md §6-7)
     ws_ping_interval_s: float = 20.0  # protocol-level pings ...
     ws_ping_timeout_s: float = 20.0  # ... a socket without a pong this long after one is closed
     ws_max_frame_bytes: int = 1024 * 1024  # a larger client frame closes the socket (1009)

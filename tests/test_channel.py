@@ -1,4 +1,4 @@
-"""The channel buffer rules (PROTOCOL.md §5), row by row, and expiry."""
+"""The channel buffer rules (docs/protocol.md §5), row by row, and expiry."""
 
 import pytest
 
@@ -11,7 +11,7 @@ def buffered(first, last):
     return [(seq, f"m{seq}".encode()) for seq in range(first, last + 1)]
 
 
-# (case, S, buffered (first, last) or None, c, expected sequences) — PROTOCOL.md §5
+# (case, S, buffered (first, last) or None, c, expected sequences) — docs/protocol.md §5
 RULES = [
     ("nothing buffered", 0, None, 0, []),
     ("nothing buffered, sequence moved on (buffer 0)", 7, None, 3, []),
@@ -30,7 +30,7 @@ RULES = [
 
 @pytest.mark.parametrize("case, seq, span, last_seq, expected", RULES, ids=[r[0] for r in RULES])
 def test_buffer_rules_table(case, seq, span, last_seq, expected):
-    """Each row of PROTOCOL.md §5 delivers exactly the listed messages, oldest first."""
+    """Each row of docs/protocol.md §5 delivers exactly the listed messages, oldest first."""
     messages = buffered(*span) if span else []
     assert [seq for seq, _ in select_since(seq, messages, last_seq)] == expected
 

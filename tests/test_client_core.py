@@ -154,7 +154,7 @@ def test_bad_frames_are_counted_not_raised():
 
 
 def test_invalid_channel_or_sequence_is_refused_at_once():
-    """Channel names follow PROTOCOL.md §1; resume sequences are ints >= 0."""
+    """Channel names follow docs/protocol.md §1; resume sequences are ints >= 0."""
     with pytest.raises(ValueError):
         SubscriberCore({"no-slash": 0})
     with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""The HTTP contract (PROTOCOL.md §1-5, §9) as a client sees it, against real processes."""
+"""The HTTP contract (docs/protocol.md §1-5, §9) as a client sees it, against real processes."""
 
 import itertools
 import json

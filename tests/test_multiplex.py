@@ -1,4 +1,4 @@
-"""Multiplexed long-poll on /channels@firehose (PROTOCOL.md §4)."""
+"""Multiplexed long-poll on /channels@firehose (docs/protocol.md §4)."""
 
 import itertools
 import json

@@ -1,4 +1,4 @@
-"""The native ZeroMQ endpoints of an edge (PROTOCOL.md §10), spoken with plain pyzmq."""
+"""The native ZeroMQ endpoints of an edge (docs/protocol.md §10), spoken with plain pyzmq."""
 
 import itertools
 
@@ -97,7 +97,7 @@ def test_topics_are_exact(cluster, ctx):
 
 
 def test_publish_and_fetch_over_the_request_endpoint(cluster, ctx):
-    """publish answers seq and epoch; fetch follows PROTOCOL.md §5 and 'after' gives all."""
+    """publish answers seq and epoch; fetch follows docs/protocol.md §5 and 'after' gives all."""
     sock = dealer(ctx, cluster)
     channel = fresh()
     replies = [call(sock, {"id": i, "op": "publish", "channel": channel, "data": b"m%d" % i})

@@ -1,4 +1,4 @@
-"""Server-Sent Events (PROTOCOL.md §7), against real processes."""
+"""Server-Sent Events (docs/protocol.md §7), against real processes."""
 
 import http.client
 import itertools

@@ -1,4 +1,4 @@
-"""WebSocket, single channel and multiplexed (PROTOCOL.md §6), against real processes."""
+"""WebSocket, single channel and multiplexed (docs/protocol.md §6), against real processes."""
 
 import asyncio
 import itertools

@@ -1,4 +1,4 @@
-"""The subscription filter of PROTOCOL.md §8: the operator's own Python function that may
+"""The subscription filter of docs/protocol.md §8: the operator's own Python function that may
 refuse a subscription.
 
 ``[auth] subscription_filter = "package.module:function"`` names it; the edge imports it

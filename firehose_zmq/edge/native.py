@@ -1,4 +1,4 @@
-"""The edge's native ZeroMQ endpoints (PROTOCOL.md §10; docs/native-zeromq.md).
+"""The edge's native ZeroMQ endpoints (docs/protocol.md §10; docs/native-zeromq.md).
 
 Links (the two native endpoints bind, native clients connect; the XSUB
 connects to every worker's XPUB, apart from the edge's own SUB so that the

@@ -1,4 +1,4 @@
-"""firehose-edge: the process (PROTOCOL.md §1-7 and §9), and what its connections share.
+"""firehose-edge: the process (docs/protocol.md §1-7 and §9), and what its connections share.
 
 The edge keeps no channel state of its own: every publish and every fetch goes to
 the owning worker over ``backend``; waiting subscribers sit in ``fanout``, which

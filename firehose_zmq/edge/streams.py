@@ -1,4 +1,4 @@
-"""WebSocket and Server-Sent Events sessions (PROTOCOL.md §6-7), single and multiplexed.
+"""WebSocket and Server-Sent Events sessions (docs/protocol.md §6-7), single and multiplexed.
 
 Theory of operation
 -------------------
@@ -264,7 +264,7 @@ class EventStream(_Session):
 
 
 class WebSocket(_Session):
-    """A Firehose WebSocket (PROTOCOL.md §6) on one channel (``channel``) or
+    """A Firehose WebSocket (docs/protocol.md §6) on one channel (``channel``) or
     multiplexed (``channel`` None: ``?subscribe=`` and multiplex frames).
 
     Protocol pings go out every ``ws_ping_interval_s``; a client silent for that

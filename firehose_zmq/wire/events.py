@@ -1,4 +1,4 @@
-"""The stream transports' side of the contract (PROTOCOL.md §6-7), as pure functions.
+"""The stream transports' side of the contract (docs/protocol.md §6-7), as pure functions.
 
 WebSocket: every client frame is classified by ``parse_channel_frame`` (a socket
 on one channel) or ``parse_multiplex_frame`` (``/channels@firehose``) into one of

@@ -22,7 +22,7 @@ Requests: DEALER (edge or native client) -> ROUTER (worker or edge)::
              of applying it late)
     fetch:   channel (str), since (int), limit (int >= 1, optional),
              after (bool, optional: every buffered message above ``since``
-             instead of the PROTOCOL.md §5 rules; used to fill gaps)
+             instead of the docs/protocol.md §5 rules; used to fill gaps)
     delete:  channel (str)
     ping:    nothing
 

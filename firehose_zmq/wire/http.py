@@ -1,4 +1,4 @@
-"""The edge's HTTP rules (RFC 9112 and PROTOCOL.md §1-5), in one place, without I/O.
+"""The edge's HTTP rules (RFC 9112 and docs/protocol.md §1-5), in one place, without I/O.
 
 Theory of operation
 -------------------

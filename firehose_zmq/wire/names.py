@@ -1,4 +1,4 @@
-"""Channel names (PROTOCOL.md §1): the one rule every entry point applies.
+"""Channel names (docs/protocol.md §1): the one rule every entry point applies.
 
 The HTTP edge, the native ZeroMQ endpoints, the worker and the clients all call
 ``check_channel``; a name one of them refuses, every one of them refuses.

@@ -2,7 +2,7 @@
 
 Nothing here touches a socket, an event loop or Tornado: the connection that
 owns the transport hands this module bytes and headers, and writes the bytes it
-gets back. The Firehose protocol on top (PROTOCOL.md §6) lives in
+gets back. The Firehose protocol on top (docs/protocol.md §6) lives in
 ``events``.
 
 Opening handshake

@@ -1,4 +1,4 @@
-"""Channel state and the buffer rules of PROTOCOL.md §5, free of sockets and clocks.
+"""Channel state and the buffer rules of docs/protocol.md §5, free of sockets and clocks.
 
 Theory of operation
 -------------------
@@ -10,7 +10,7 @@ epoch), a buffer of the newest messages (always contiguous and ending at
 ``seq``), and an expiry time (``None`` for a persistent channel).
 
 What a subscriber whose last sequence is ``c`` gets at once is decided by
-``select_since``; its table is PROTOCOL.md §5, row by row:
+``select_since``; its table is docs/protocol.md §5, row by row:
 
     =======================  =====================================
     case                     delivered at once (oldest first)
@@ -48,7 +48,7 @@ def message_cost(data: bytes) -> int:
 
 
 def select_since(seq: int, buffered, last_seq: int) -> list:
-    """The messages a subscriber at ``last_seq`` gets at once (PROTOCOL.md §5)."""
+    """The messages a subscriber at ``last_seq`` gets at once (docs/protocol.md §5)."""
     length = len(buffered)
     if length == 0:
         return []

@@ -366,3 +366,42 @@ def test_out_of_descriptors_the_edge_backs_off_and_recovers(cluster, tmp_path):
     assert cpu < 1.0, f"the edge spun for {cpu:.2f} s of CPU in 2 s"
     assert "Traceback" not in log
     assert log.count("cannot accept connections") <= 3
+
+
+def test_a_huge_chunk_size_is_413_at_once(cluster):
+    """A chunk that declares more than the body limit is refused before its data is
+    buffered."""
+    pid = cluster.edge.popen.pid
+    before = rss_bytes(pid)
+    with socket.create_connection(("127.0.0.1", cluster.http_port), timeout=5) as sock:
+        sock.sendall(f"PUT {fresh()} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     "\r\nffffffffff\r\n".encode())
+        sent = flood(sock, b"z" * 65536, budget_bytes=64 * MIB, budget_s=5.0)
+        sock.settimeout(5)
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer:
+                more = sock.recv(4096)
+                if not more:
+                    break
+                answer += more
+        except (ConnectionResetError, socket.timeout):
+            pass
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert rss_bytes(pid) - before < 32 * MIB, f"sent {sent / MIB:.0f} MiB"
+
+
+def test_refusals_of_head_requests_have_no_body(cluster):
+    """A refused HEAD is answered without a body (the next answer is not shifted)."""
+    with socket.create_connection(("127.0.0.1", cluster.http_port), timeout=5) as sock:
+        sock.sendall(b"HEAD /a!b HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while data.count(b"\r\n\r\n") < 2:
+            more = sock.recv(4096)
+            assert more, data
+            data += more
+    first, second, rest = data.split(b"\r\n\r\n", 2)
+    assert first.startswith(b"HTTP/1.1 400")
+    assert second.startswith(b"HTTP/1.1 200"), data
+    assert rest == b""

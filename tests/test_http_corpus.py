@@ -26,6 +26,17 @@ def _put(extra: str = "", body: bytes = b"m", path: str = "", host: str = "Host:
 # (name, request bytes, the status every serving path must give; None: no answer)
 CORPUS = [
     ("plain publish", lambda: _put(), 202),
+    ("WebSocket upgrade with a body", lambda: f"GET {_channel()} HTTP/1.1\r\nHost: x\r\n"
+                                              "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                                              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                              "Sec-WebSocket-Version: 13\r\n"
+                                              "Content-Length: 5\r\n\r\nhello".encode(), 400),
+    ("event stream with a body", lambda: f"GET {_channel()} HTTP/1.1\r\nHost: x\r\n"
+                                         "Accept: text/event-stream\r\nContent-Length: 2\r\n"
+                                         "\r\nhi".encode(), 400),
+    ("multiplex POST with an unknown expectation", lambda: b"POST /channels@firehose HTTP/1.1"
+                                                           b"\r\nHost: x\r\nExpect: tea\r\n"
+                                                           b"Content-Length: 2\r\n\r\n{}", 417),
     ("two hosts joined", lambda: _put(host="Host: a,b\r\n"), 400),
     ("two host fields", lambda: _put(host="Host: a\r\nHost: b\r\n"), 400),
     ("no host", lambda: _put(host=""), 400),

@@ -176,7 +176,7 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
         self._all_closed = None  # while stopping: resolved when no connection is left
         super().initialize(app, max_header_size=2 * config.max_head_bytes,
                            idle_connection_timeout=config.idle_timeout_s,
-                           body_timeout=None, **kwargs)
+                           body_timeout=config.header_timeout_s, **kwargs)
 
     def serve_on(self, sockets) -> None:
         for sock in sockets:
@@ -428,6 +428,9 @@ class Connection(asyncio.Protocol):
                 return False
         if self._body is not None:
             return self._read_body()
+        if buf[:1] in (b"\r", b"\n"):  # RFC 9112 §2.2: empty lines before a request
+            kept = buf.lstrip(b"\r\n")
+            del buf[:len(buf) - len(kept)]
         found = http.head_end(buf)
         if found is None:
             if not buf:
@@ -460,6 +463,7 @@ class Connection(asyncio.Protocol):
         except HttpError as exc:
             if not exc.close and self._skip_body(head):
                 exc.close = True
+            exc.bodiless = head.method == "HEAD"
             return self._refuse(exc, extra)
         self._extra = extra
         if len(raw) <= _KNOWN_HEAD_BYTES and not rules.checks_credentials \
@@ -500,7 +504,7 @@ class Connection(asyncio.Protocol):
                 length = http.ChunkedBody(self._edge.limits.max_message_bytes)
             elif kind is http.ReadBody:
                 length = int(head.get("content-length") or 0)
-            if head is not None and head.get("expect") and \
+            if head is not None and head.get("expect") and head.version == "HTTP/1.1" and \
                     (not isinstance(length, int) or len(self._buf) < length):
                 self._transport.write(_CONTINUE)  # the client waits for it to send the body
             if self._reading_since is None:
@@ -633,14 +637,18 @@ class Connection(asyncio.Protocol):
 
     def _begin_poll(self, action) -> None:
         self._busy = True
+        if self._eof:  # the client half-closed before this poll began: it is gone
+            self._close_after = True
+            return self._answer(b"")
         edge = self._edge
         metric = "subscribed_multiplexed" if action.multiplexed else "subscribed"
         now = time.time()
         for sub in action.subscriptions:
             edge.metrics.incr(now, metric, sub.channel)
         callback = self._polled_multiplexed if action.multiplexed else self._polled
+        self._poll = None
         poll = edge.poll(action.subscriptions, callback)
-        if self._busy:  # not answered at once
+        if self._busy and self._poll is None:  # not answered at once (nor a later request)
             self._poll = poll
 
     # -- answers -----------------------------------------------------------------

@@ -91,7 +91,9 @@ class _Session:
 
     def subscribe(self, subscriptions) -> list:
         """Subscribe to the channels not subscribed yet; returns the futures that
-        resolve when each has replayed."""
+        resolve when each has replayed (none once the stream has ended)."""
+        if self.ended:
+            return []
         loop = asyncio.get_running_loop()
         now = time.time()
         metric = "subscribed_multiplexed" if self.multiplexed else "subscribed"
@@ -190,6 +192,8 @@ class EventStream(_Session):
             return
         if self.started and self.behind():
             return self.cut_slow()
+        if not self.started and sum(map(len, self._queued)) > self._limit:
+            return self.cut_slow()  # a replay bigger than a reader may have waiting
         self.edge.deliveries["sse"] += len(items)
         queued = self._queued
         if self.multiplexed:
@@ -287,6 +291,7 @@ class WebSocket(_Session):
         self._inbox: deque = deque()
         self._worker = None
         self._closing = False
+        self._drain_budget = None  # after a protocol error: what may still be read
         self._grace = None  # cuts a closing handshake the client does not finish
         self._heard = time.monotonic()
         # A token bucket of client frames: ws_max_frames_per_s, bursts of ten seconds' worth.
@@ -301,6 +306,10 @@ class WebSocket(_Session):
     # -- frames in ---------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        if self._drain_budget is not None:  # after a protocol error: bytes read and dropped
+            self._drain_budget -= len(data)
+            if self._drain_budget < 0:
+                return self.drop()
         now = time.monotonic()
         self._frame_tokens = min(self._frame_burst, self._frame_tokens
                                  + (now - self._heard) * self._frame_rate)
@@ -328,7 +337,12 @@ class WebSocket(_Session):
                     self.gone()
                     self.conn.stream_ended(b"")
                 else:
-                    self._finish(websocket.encode_close(event.code, event.reason))
+                    # Close, and let the client finish sending what it was sending
+                    # (read and dropped) until its own close or the grace period: a
+                    # connection closed under a sender resets, and its client never
+                    # sees the close code.
+                    self.close(event.code, event.reason)
+                    self._drain_budget = self._reader.max_message_bytes + 65536
         if self._inbox and self._worker is None:
             self._start(self._work())
         if len(self._inbox) > _INBOX_FRAMES:
@@ -397,6 +411,8 @@ class WebSocket(_Session):
             return
         if self.edge.rules.checks_credentials:
             fresh = await self._allowed(fresh)
+            if self.ended:  # closed while the callout was asked
+                return
         waits = self.subscribe(fresh)
         if waits:
             await asyncio.gather(*waits)

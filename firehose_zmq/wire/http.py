@@ -95,6 +95,7 @@ class HttpError(Exception):
         self.headers = headers
         self.subscriber = subscriber
         self.close = close
+        self.bodiless = False  # the answer to a HEAD request: no body
 
 
 class PublishOptions(NamedTuple):
@@ -721,6 +722,7 @@ class Rules:
         if upgrade:
             return Upgrade(channel, [], params, upgrade)
         if EVENT_STREAM_TYPE in head.get("accept", ""):
+            _no_body(head)
             resume = parse_last_event_id(head.get("last-event-id"))
             return Stream([Subscription(channel, seq if resume is None else resume, params)],
                           False)
@@ -730,6 +732,7 @@ class Rules:
         """The accept value when ``head`` asks for a WebSocket, else None."""
         if "websocket" not in _tokens(head.get("upgrade", "")):
             return None
+        _no_body(head)
         origin = head.get("origin")
         if origin and not self.allows_origin(origin):
             raise HttpError(403, f"WebSockets from {origin} are not allowed")
@@ -741,8 +744,7 @@ class Rules:
     def _decide_publish(self, head: Head, path: str) -> Publish:
         channel = channel_from_path(path)
         limits = self.limits
-        if "expect" in head.fields and head.get("expect").lower() != "100-continue":
-            raise HttpError(417, "Only 'Expect: 100-continue' is understood")
+        _expectation(head)
         length = head.get("content-length")
         if length is None and "transfer-encoding" not in head.fields:
             length = "0"  # a PUT without a body publishes an empty message
@@ -761,6 +763,7 @@ class Rules:
         if method == "PUT":
             raise HttpError(400, "Channel names containing @firehose are reserved")
         if method == "POST":
+            _expectation(head)
             return ReadBody(self.limits.max_message_bytes)
         if method != "GET":
             raise self.method_not_allowed(method, "GET, POST")
@@ -772,6 +775,7 @@ class Rules:
             return Upgrade(None, subscriptions, {}, upgrade)
         subscriptions = parse_subscribe_query(value, self.max_channels)
         if EVENT_STREAM_TYPE in head.get("accept", ""):
+            _no_body(head)
             resume = parse_multiplex_event_id(head.get("last-event-id"), self.max_channels)
             return Stream([sub._replace(last_sequence=resume.get(sub.channel, sub.last_sequence))
                            for sub in subscriptions], True)
@@ -781,6 +785,19 @@ class Rules:
         """The long-poll a POST to ``/channels@firehose`` asks for, from its body."""
         action = Poll(parse_subscribe_body(body, self.max_channels, self.max_json_depth), True)
         return self._authorized(head, action) if self.checks_credentials else action
+
+
+def _expectation(head: Head) -> None:
+    if "expect" in head.fields and head.get("expect").lower() != "100-continue":
+        raise HttpError(417, "Only 'Expect: 100-continue' is understood")
+
+
+def _no_body(head: Head) -> None:
+    """A request that becomes a stream carries no body: what follows its head is the
+    stream's (a WebSocket's frames)."""
+    if "transfer-encoding" in head.fields or (head.get("content-length") or "0").strip("0"):
+        raise HttpError(400, "A WebSocket or event-stream request may not carry a body",
+                        close=True)
 
 
 def auth_refusal(exc, subscriber: bool) -> HttpError:
@@ -837,6 +854,8 @@ def error_answer(exc: HttpError, extra: bytes = b"") -> bytes:
     one line of plain text otherwise."""
     if exc.close and b"Connection: close" not in extra:
         extra = b"Connection: close\r\n" + extra
+    if exc.bodiless:
+        return render(exc.status, b"", None, exc.headers, extra)
     if exc.subscriber:
         return render(exc.status, subscription_failed_json(exc.reason), JSON_TYPE,
                       exc.headers, extra)
@@ -915,6 +934,7 @@ class ChunkedBody:
         self.parts: list = []
         self.cost = 0
         self.trailer = False  # the last chunk was read: trailer fields until a blank line
+        self.charged = False  # the chunk being read was counted already
 
     def _too_large(self, close: bool) -> HttpError:
         return HttpError(413, f"Message body is larger than {self.limit} bytes", close=close)
@@ -955,6 +975,9 @@ class ChunkedBody:
                     pos = start
                     self.trailer = True
                     continue
+                if not self.charged:  # a chunk's declared size counts before its data
+                    self._count(max(size, CHUNK_COST_BYTES))
+                    self.charged = True
                 end = start + size
                 if len(buf) < end + 2 and buf[end:end + 1] != b"\n":
                     return None
@@ -962,9 +985,9 @@ class ChunkedBody:
                     else 0
                 if not tail:
                     raise HttpError(400, "A chunk does not end where its size says", close=True)
-                self._count(max(size, CHUNK_COST_BYTES))
                 if self.cost <= self.limit:
                     self.parts.append(bytes(buf[start:end]))
+                self.charged = False
                 pos = end + tail
         finally:
             del buf[:pos]

@@ -46,6 +46,15 @@ them wait, parked, meanwhile); channels that move away are refused with
 ``not_owner`` naming their new owner and handed over when it asks. Only the ring
 is applied on SIGHUP; other keys need a restart.
 
+Replicas (``replica``, with ``[storage] replicas``): every store operation of a
+channel this worker owns is also streamed to the channel's replicas; in ``sync``
+mode with ``replica_ack = "one"`` the outbox also holds a channel's replies and
+messages until its standby has acknowledged them, and the worker serves a
+channel only while that standby's lease holds. As a standby it keeps other
+owners' copies, takes an owner's channels over when an edge sends it their
+requests and the owner's lease has run out, and hands them back when the owner
+returns.
+
 A publish may carry a ``publish_id``: the worker remembers ids (with the seq
 and epoch they got, in the store too) for ``publish_id_window_s``, so a retry
 after a lost reply, even across a restart, is answered with the first result

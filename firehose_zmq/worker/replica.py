@@ -76,6 +76,7 @@ RETRY_INTERVAL_S = 0.25
 _LEASE_MARGIN_S = 0.05        # added to the lease by the standby before it takes over
 _OP_OVERHEAD_BYTES = 64
 _MAX_PUBLISH_IDS = 1_000_000
+_NOT_SENT = float("inf")      # a gate whose batch never left: never acknowledged
 
 
 def _op_name(op):
@@ -121,6 +122,7 @@ class Link:
         self.snapshot_ids = {}        # name -> [(publish_id, seq, epoch)] for the snapshot
         self.cursor = None            # names up to this one have been sent (during a snapshot)
         self.pending: list = []       # wire ops of this loop turn
+        self.turn_gate = None         # [batch number] the replies of this turn wait for
         self.pending_bytes = 0
         self.last_sent = 0.0
         self.next_try = 0.0
@@ -248,15 +250,22 @@ class Replicator:
         link = self.links.get(self.worker.ring.standby(name))
         if link is None or link.gone:
             return None
-        return (link, link.n + 1 if link.pending else link.n)
+        if link.pending:
+            # The last batch this turn's operations go out in (``tick`` fills it in).
+            if link.turn_gate is None:
+                link.turn_gate = [_NOT_SENT]
+            return (link, link.stream, link.turn_gate)
+        return (link, link.stream, [link.n])
 
     def gate_state(self, gate) -> int:
         """1: may leave; 0: wait; -1: drop (never acknowledged)."""
-        link, n = gate
-        if link.gone or link.acked >= n:
+        link, stream, last = gate
+        if link.gone:
             return 1
-        if link.fenced or link.failback is not None or not link.synced or \
-                time.monotonic() >= link.lease_until:
+        if stream == link.stream and link.acked >= last[0]:
+            return 1
+        if stream != link.stream or link.fenced or link.failback is not None or \
+                not link.synced or time.monotonic() >= link.lease_until:
             return -1
         return 0
 
@@ -290,6 +299,7 @@ class Replicator:
         link.stream_start = link.n + 1
         link.synced = False
         link.pending, link.pending_bytes = [], 0
+        link.turn_gate = None
         link.snapshot = sorted(
             c.name for c in worker.channels.channels()
             if worker.ring.owner(c.name) == me and link.id in self.replicas_of(c.name))
@@ -330,6 +340,7 @@ class Replicator:
                 continue
             if not link.connected or link.fenced:
                 link.pending, link.pending_bytes = [], 0
+                link.turn_gate = None
                 continue
             if link.stream is None:
                 if now >= link.next_try:
@@ -349,6 +360,10 @@ class Replicator:
                     used += size
                 else:
                     self._send(link, ops[start:])
+                if link.turn_gate is not None:
+                    if link.stream is not None:
+                        link.turn_gate[0] = link.n
+                    link.turn_gate = None
             elif now - link.last_sent >= heartbeat_s:
                 self._send(link, [])
 
@@ -466,9 +481,11 @@ class Replicator:
                 link.next_try = time.monotonic() + (0 if code == frames.RESYNC
                                                     else RETRY_INTERVAL_S)
             return True
+        if n < link.stream_start or link.stream is None:
+            return False  # a batch of an earlier stream
         if n > link.acked:
             link.acked = n
-        if reply.get("synced") is True and sent is not None and link.stream is not None:
+        if reply.get("synced") is True and sent is not None:
             if not link.synced:
                 log.info("worker %s: %s holds our snapshot; streaming to it", self.worker.me.id,
                          link.id)

@@ -265,7 +265,7 @@ class Worker:
         """Forget the replies and messages waiting for ``link``'s acknowledgement: it
         fenced this worker, so they were never acknowledged."""
         kept = [entry for entry in self._outbox
-                if entry[1] is None or entry[1][0] is not link or link.acked >= entry[1][1]]
+                if entry[1] is None or entry[1][0] is not link]
         self.counters.unacknowledged += len(self._outbox) - len(kept)
         self._outbox = deque(kept)
 

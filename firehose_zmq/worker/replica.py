@@ -86,18 +86,25 @@ def _op_name(op):
     return None
 
 
-def _encode_op(op) -> tuple:
-    """``(wire op, bytes)`` of a store operation."""
+def _encode_op(op) -> list:
+    """The wire form of a store operation."""
     kind = type(op)
     if kind is PublishOp:
-        return (frames.encode_replica_publish(op.name, op.epoch, op.seq, op.data, op.buffer_size,
-                                              op.expires_at, op.publish_id, op.at),
-                len(op.data) + len(op.name) + _OP_OVERHEAD_BYTES)
+        return frames.encode_replica_publish(op.name, op.epoch, op.seq, op.data, op.buffer_size,
+                                             op.expires_at, op.publish_id, op.at)
     if kind is DeleteOp:
-        return frames.encode_replica_delete(op.name), len(op.name) + _OP_OVERHEAD_BYTES
-    return (frames.encode_replica_restore(op.name, op.epoch, op.seq, op.expires_at, op.messages,
-                                          op.publish_ids),
-            sum(len(d) + 16 for _, d in op.messages) + len(op.name) + _OP_OVERHEAD_BYTES)
+        return frames.encode_replica_delete(op.name)
+    return frames.encode_replica_restore(op.name, op.epoch, op.seq, op.expires_at, op.messages,
+                                         op.publish_ids)
+
+
+def _op_bytes(op: list) -> int:
+    """About what a wire operation adds to a batch."""
+    if op[0] == "p":
+        return len(op[4]) + _OP_OVERHEAD_BYTES
+    if op[0] == "r":
+        return sum(len(d) + 16 for _, d in op[5]) + _OP_OVERHEAD_BYTES
+    return _OP_OVERHEAD_BYTES
 
 
 class Link:
@@ -123,7 +130,6 @@ class Link:
         self.cursor = None            # names up to this one have been sent (during a snapshot)
         self.pending: list = []       # wire ops of this loop turn
         self.turn_gate = None         # [batch number] the replies of this turn wait for
-        self.pending_bytes = 0
         self.last_sent = 0.0
         self.next_try = 0.0
         self.closed_at = None         # monotonic time its connection last closed
@@ -288,8 +294,7 @@ class Replicator:
                 continue  # the snapshot brings its state when it gets there
             if encoded is None:
                 encoded = _encode_op(op)
-            link.pending.append(encoded[0])
-            link.pending_bytes += encoded[1]
+            link.pending.append(encoded)
 
     def _start_stream(self, link: Link) -> None:
         worker = self.worker
@@ -298,7 +303,7 @@ class Replicator:
         link.stream = f"{self._prefix}-{link.n + 1}"
         link.stream_start = link.n + 1
         link.synced = False
-        link.pending, link.pending_bytes = [], 0
+        link.pending = []
         link.turn_gate = None
         link.snapshot = sorted(
             c.name for c in worker.channels.channels()
@@ -339,7 +344,7 @@ class Replicator:
                 self._failback_tick(link, now)
                 continue
             if not link.connected or link.fenced:
-                link.pending, link.pending_bytes = [], 0
+                link.pending = []
                 link.turn_gate = None
                 continue
             if link.stream is None:
@@ -349,10 +354,10 @@ class Replicator:
             if link.snapshot is not None:
                 self._snapshot_part(link, budget)
             if link.pending:
-                ops, link.pending, link.pending_bytes = link.pending, [], 0
+                ops, link.pending = link.pending, []
                 start, used = 0, 0
                 for i, op in enumerate(ops):
-                    size = (len(op[4]) if op[0] == "p" else 0) + _OP_OVERHEAD_BYTES
+                    size = _op_bytes(op)
                     if used + size > budget // 2 and i > start:
                         if not self._send(link, ops[start:i]):
                             break
@@ -628,7 +633,7 @@ class Replica:
             owner = worker.ring.owner(channel.name)
             if owner != me and worker.ring.standby(channel.name) == me:
                 self.owners.setdefault(owner, _Owner()).state = "serving"
-        for owner, known in self.owners.items():
+        for owner in self.owners:
             log.info("worker %s serves the channels it had taken over from %s", me, owner)
         log.info("worker %s keeps %d replica channels (%s)", me, len(self.channels),
                  self.store_path if self._writer else "memory")

@@ -106,6 +106,13 @@ class StorageConfig:
     ``commit_window_ms`` (``sync`` only): how long the store writer lets publishes
     gather before a commit; each waits up to that much longer for its 202, and
     fewer commits carry them (0, the default, commits as soon as one waits).
+    ``replicas``: how many workers after a channel's owner on the ring keep a copy
+    of it (README, "When a host is lost"); 0 keeps channels on their owner only.
+    ``replica_ack`` (``sync`` only): ``one``, a 202 also waits for the channel's
+    first replica to have committed the message; ``none``, it does not (a
+    failover then gives the channel a new epoch). ``replica_lease_ms``: how long an
+    owner may serve after its first replica last acknowledged it, and so how long a
+    silent owner keeps its replica from taking over.
     """
 
     durability: str = "sync"
@@ -114,7 +121,12 @@ class StorageConfig:
     publish_id_window_s: int = 600
     max_unflushed_ops: int = 50000
     commit_window_ms: int = 0
+    replicas: int = 0
+    replica_ack: str = "one"
+    replica_lease_ms: int = 1000
 
+
+REPLICA_ACKS = ("one", "none")
 
 AUTH_MODES = ("open", "required")
 AUTH_OPS = ("publish", "subscribe")
@@ -374,6 +386,9 @@ def check_config(config: ClusterConfig) -> ClusterConfig:
         raise ConfigError(f"storage.publish_id_window_s ({storage.publish_id_window_s:g}) must be "
                           f"at least twice edge.request_timeout_s ({edge.request_timeout_s:g}): "
                           "an edge retries a publish until its request timeout")
+    if storage.replicas >= len(config.ring_members):
+        raise ConfigError(f"storage.replicas ({storage.replicas}) must be below the number of "
+                          f"workers in the ring ({len(config.ring_members)})")
     if storage.commit_window_ms * 2 >= edge.request_timeout_s * 1000:
         raise ConfigError(f"storage.commit_window_ms ({storage.commit_window_ms:g}) must be below "
                           f"half of edge.request_timeout_s ({edge.request_timeout_s:g} s)")
@@ -526,6 +541,13 @@ def check_storage(storage: StorageConfig) -> StorageConfig:
         raise ConfigError("storage.max_unflushed_ops must be at least 1")
     if not 0 <= storage.commit_window_ms <= MAX_COMMIT_WINDOW_MS:
         raise ConfigError(f"storage.commit_window_ms must be from 0 to {MAX_COMMIT_WINDOW_MS}")
+    if storage.replicas < 0:
+        raise ConfigError("storage.replicas must be 0 or more")
+    if storage.replica_ack not in REPLICA_ACKS:
+        raise ConfigError(f"storage.replica_ack must be one of {', '.join(REPLICA_ACKS)}, "
+                          f"not {storage.replica_ack!r}")
+    if not 100 <= storage.replica_lease_ms <= 60000:
+        raise ConfigError("storage.replica_lease_ms must be from 100 to 60000")
     return storage
 
 

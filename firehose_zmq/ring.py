@@ -7,6 +7,10 @@ own hash. The hash is BLAKE2b (never Python's ``hash()``, which differs per
 process), so assignments are stable across processes, hosts and releases.
 Adding one worker to W moves about 1/(W+1) of the channels, all of them to it.
 
+With replicas, ``preference`` lists a channel's owner and then the next distinct
+workers clockwise: its replicas, the first of which (its *standby*) takes over
+when the owner is down.
+
 While channels move from one ring to the next, both are known: ``source`` tells
 a worker which channels it must first take from their previous owner.
 """
@@ -46,6 +50,7 @@ class Ring:
         identity = "\n".join(self.worker_ids) + f"\nvnodes={vnodes}"
         self.version = hashlib.blake2b(identity.encode(), digest_size=4).hexdigest()
         self._remembered: dict = {}  # channel -> owner: every request asks, a hash is dear
+        self._preferences: dict = {}  # (channel, count) -> preference list
 
     def owner(self, channel: str) -> str:
         """The worker id that owns ``channel``."""
@@ -58,6 +63,33 @@ class Ring:
                 self._remembered.clear()
             self._remembered[channel] = owner
         return owner
+
+    def preference(self, channel: str, count: int) -> tuple:
+        """The first ``count`` distinct workers from ``channel``'s point clockwise: its
+        owner, then its replicas in order (fewer when the ring has fewer workers)."""
+        key = (channel, count)
+        found = self._preferences.get(key)
+        if found is None:
+            point = stable_hash64(channel.encode("utf-8", "surrogateescape"))
+            start = bisect.bisect_left(self._hashes, point)
+            owners, size = self._owners, len(self._owners)
+            chosen = []
+            for k in range(size):
+                worker_id = owners[(start + k) % size]
+                if worker_id not in chosen:
+                    chosen.append(worker_id)
+                    if len(chosen) == count:
+                        break
+            found = tuple(chosen)
+            if len(self._preferences) >= MAX_REMEMBERED:
+                self._preferences.clear()
+            self._preferences[key] = found
+        return found
+
+    def standby(self, channel: str) -> Optional[str]:
+        """``channel``'s first replica (None in a ring of one worker)."""
+        preference = self.preference(channel, 2)
+        return preference[1] if len(preference) > 1 else None
 
 
 def source(current: Ring, previous: Optional[Ring], channel: str) -> Optional[str]:

@@ -56,12 +56,13 @@ class HostBed:
 
     def __init__(self, tmp_path, worker_ids=("w1", "w2"), edges: int = 1,
                  durability: str = "sync", long_poll_timeout_s: float = 3.0,
-                 extra_config: str = "", tables: str = ""):
+                 extra_config: str = "", tables: str = "", storage: str = ""):
         self.tmp_path = Path(tmp_path)
         self.durability = durability
         self.long_poll_timeout_s = long_poll_timeout_s
         self.extra_config = extra_config  # more [edge] keys
         self.tables = tables              # more TOML tables ([limits], ...)
+        self.storage = storage            # more [storage] keys (replicas, ...)
         self.data_dir = self.tmp_path / "data"
         self.config_path = self.tmp_path / "cluster.toml"
         self.hosts: dict = {}       # worker id -> (host, router port, pub port)
@@ -102,7 +103,7 @@ class HostBed:
             lines.append("")
         lines += ["[edge]", f"long_poll_timeout_s = {self.long_poll_timeout_s}",
                   self.extra_config, "", "[storage]", f'durability = "{self.durability}"',
-                  f'data_dir = "{self.data_dir}"', "", "[admin]", 'bind = ""', "",
+                  f'data_dir = "{self.data_dir}"', self.storage, "", "[admin]", 'bind = ""', "",
                   self.tables]
         self.config_path.write_text("\n".join(lines) + "\n")
 

@@ -204,13 +204,14 @@ class Storm:
                                 f"{missing[:10]}")
         return problems
 
-    def longest_gap_s(self) -> tuple:
+    def longest_gap_s(self, since: float = 0.0) -> tuple:
         """``(seconds, channel)``: the longest time a channel went without a 202 while
-        it was being published to (the storm's own pace makes a floor of a few ms)."""
+        it was being published to (the storm's own pace makes a floor of a few ms),
+        counting from ``since`` (monotonic) on."""
         longest = (0.0, None)
         for channel, times in self.acked_at.items():
             for a, b in zip(times, times[1:]):
-                if b - a > longest[0]:
+                if a >= since and b - a > longest[0]:
                     longest = (b - a, channel)
         return longest
 

@@ -45,6 +45,7 @@ _SPECIAL = {
     ("edge", "host"): ("0.0.0.0", "0.0.0.0", {"FIREHOSE_AUTH_ALLOW_OPEN_PUBLISH": "true"}),
     ("edge", "tls_cert"): ("/c.pem", "/c.pem", {"FIREHOSE_EDGE_TLS_KEY": "/k.pem"}),
     ("edge", "tls_key"): ("/k.pem", "/k.pem", {"FIREHOSE_EDGE_TLS_CERT": "/c.pem"}),
+    ("storage", "replica_ack"): ("none", "none", {}),
 }
 
 

@@ -32,6 +32,11 @@ worker drops and comes back, and ``stream_watchers`` hear it (the fan-out then
 stops trusting that link and, once it is back and the worker answers, fetches
 what its listeners missed).
 
+Replicas (``[storage] replicas``): while a channel's owner is down, its requests
+go to the channel's standby (its first replica on the ring), which takes the
+owner's channels over (worker/replica.py); an owner that lost its channels
+answers ``not_owner`` naming the standby, which the edge follows.
+
 Ring changes: ``reload(config)`` (the edge's SIGHUP) takes a new worker list and
 ring; links to new workers are opened and links to workers no longer in the
 config closed. A worker that does not own a channel answers ``not_owner``
@@ -196,6 +201,7 @@ class Backend:
         self._publish_id_prefix = uuid.uuid4().hex
         self.resent_publishes = 0
         self._timeout_s = config.edge.request_timeout_s
+        self._replicas = config.storage.replicas
         self._interval_s = config.edge.heartbeat_interval_ms / 1000.0
         self._liveness_s = self._interval_s * config.edge.heartbeat_liveness
         self._max_bytes = config.limits.max_message_bytes
@@ -304,6 +310,7 @@ class Backend:
         old = {w.id: w for w in self.config.workers}
         new = {w.id: w for w in config.workers}
         self.config = config
+        self._replicas = config.storage.replicas
         for worker_id in [w for w in old if w not in new or new[w].router_connect
                           != old[w].router_connect or new[w].pub_connect != old[w].pub_connect]:
             link = self._links.pop(worker_id)
@@ -351,13 +358,31 @@ class Backend:
         During a ring change, while the link to the new owner is not up yet (a
         worker just added), the request goes to the channel's previous owner,
         which serves it or names the worker to ask."""
+        return self.call(self.route(channel), {"op": op, "channel": channel, **fields})
+
+    def route(self, channel: str) -> str:
+        """The worker to send ``channel``'s requests to: its owner; while the owner is
+        down, its standby (first replica, with ``[storage] replicas``), which takes
+        the channel over; during a ring change, while the link to the new owner is
+        not up yet, its previous owner."""
         owner = self.ring.owner(channel)
-        if self.previous is not None and not self._links[owner].alive:
+        if self._links[owner].alive:
+            return owner
+        if self.previous is not None:
             before = self.previous.owner(channel)
             link = self._links.get(before)
             if link is not None and link.alive:
-                owner = before
-        return self.call(owner, {"op": op, "channel": channel, **fields})
+                return before
+        elif self._replicas:
+            standby = self.ring.standby(channel)
+            link = self._links.get(standby)
+            if link is not None and link.alive:
+                return standby
+        return owner
+
+    def available(self, channel: str) -> bool:
+        """True when this edge can reach a worker that serves ``channel``."""
+        return self._links[self.route(channel)].alive
 
     def call(self, worker_id: str, request: dict, force: bool = False) -> asyncio.Future:
         """Send a request to one worker; the future gets the reply or a BackendError.
@@ -502,6 +527,22 @@ class Backend:
             if not entry.future.done():
                 entry.future.set_exception(WorkerUnavailable(reason))
 
+    def _to_standbys(self, link) -> None:
+        """Send the publishes that were waiting on ``link``'s worker, now down, to their
+        channels' standbys, with the same publish id: one the owner stored and its
+        standby acknowledged is answered with its first result there."""
+        moved = 0
+        for request_id, entry in list(link.pending.items()):
+            if entry.request is None or entry.future.done():
+                continue
+            target = self.route(entry.request["channel"])
+            if target != link.id and self._follow(entry, target):
+                del link.pending[request_id]
+                moved += 1
+        if moved:
+            log.info("sent %d publish(es) waiting on worker %s to its channels' standbys",
+                     moved, link.id)
+
     def _resend_publishes(self, link) -> None:
         """Send the publishes that waited through an outage again (same id: the worker
         answers one it already stored with the first result)."""
@@ -532,6 +573,8 @@ class Backend:
             log.warning("worker %s down (%s)", link.id, why)
             self._fail_pending(link, f"worker {link.id} is unavailable ({why})",
                                keep_retryable=True)
+            if self._replicas and self.previous is None:
+                self._to_standbys(link)
         self._on_worker_change(link.id, alive)
         if alive and link.sub_connected:
             self._stream_changed(link, True)

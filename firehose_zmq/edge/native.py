@@ -253,7 +253,7 @@ class NativeEndpoints:
             return
         forwarded = {k: v for k, v in request.items() if k not in ("v", "id")}
         self._in_flight += 1
-        future = self.backend.call(self.backend.owner(request["channel"]), forwarded)
+        future = self.backend.call(self.backend.route(request["channel"]), forwarded)
         future.add_done_callback(lambda f: self._on_reply(envelope, request_id, f))
 
     def _check_channel(self, request) -> None:

@@ -165,7 +165,7 @@ class Edge:
 
     def owner_up(self, channel: str) -> bool:
         """True when this edge can reach the worker that owns ``channel``."""
-        return self.backend.is_up(self.backend.owner(channel))
+        return self.backend.available(channel)
 
     def metrics_json(self) -> bytes:
         """Firehose 1.4's JSON time buckets (``/metrics@firehose``)."""

@@ -39,12 +39,36 @@ cluster"); the new owner's DEALER -> the old owner's ROUTER::
                   done (list of str, optional: channels the asker has committed;
                   the holder drops its copies first)
 
+                  failback (bool, optional: the asker is the channels' owner
+                  taking them back from its replica after a failover; see
+                  below)
+
+From a channel's owner to its replicas (README, "When a host is lost"); the
+owner's DEALER -> each replica's ROUTER, one request per loop turn with what the
+owner's store committed in it, or an empty one every fifth of the lease::
+
+    replicate: from (str: the owner's worker id), ring (str: its ring version),
+               stream (str: this stream's id; a new one after every reconnect
+               or refusal), n (int >= 1: the batch's number, consecutive within
+               a stream), sync (bool, optional: the stream starts here; the
+               replica's copies are replaced by the ``r`` ops that follow),
+               synced (bool, optional: the snapshot is complete with this
+               batch), ops (list of at most MAX_REPLICA_OPS), each one of
+        ["p", name, epoch, seq, data, buffer_size, expires_at|nil,
+              publish_id|nil, at]                              a publish
+        ["d", name]                                            deleted or expired
+        ["r", name, epoch, seq, expires_at|nil, [[seq, data], ...],
+              [[publish_id, seq, epoch, at], ...]]             a channel's state
+
 Replies: the same envelope, then one msgpack map::
 
     {"v": 1, "id": <echoed>, "ok": true, ...}
         publish -> seq, epoch (duplicate: true for a recognised retry)
         fetch   -> seq, epoch, messages: [[seq, data], ...]
         delete  -> existed;     ping  -> worker, ring
+        replicate -> n (the batch acknowledged: committed with every earlier
+                     one), synced (bool: the replica holds the whole snapshot; only
+                     then does the acknowledgement renew the owner's lease)
         handoff_take -> channels: [[name, epoch, seq, expires_at (float|nil),
                         [[seq, data], ...]], ...] (the held ones; their buffers,
                         oldest first), absent: [names asked for and not held],
@@ -54,7 +78,10 @@ Replies: the same envelope, then one msgpack map::
     {"v": 1, "id": <echoed or nil>, "ok": false, "error": <code>, "reason": <str>,
      "ring": <ring version>, "owner": <worker id, with not_owner: whom to ask>}
     codes: bad_request, not_owner, unsupported_version, too_large, unavailable,
-           deadline, overloaded, quota, ring_mismatch
+           deadline, overloaded, quota, ring_mismatch, fenced (replicate: the
+           replica has taken the owner's channels over; take them back), resync
+           (replicate: a batch out of order or on an unknown stream; start a
+           new stream with a snapshot)
 
 Messages: worker PUB/XPUB -> edge SUB (and native subscribers)::
 
@@ -89,8 +116,11 @@ OVERLOADED = "overloaded"    # the worker's store is too far behind to take more
 QUOTA = "quota"              # the worker holds as much as its quotas allow
 FORBIDDEN = "forbidden"      # the client's CURVE key does not grant that channel
 RING_MISMATCH = "ring_mismatch"  # a handoff_take from a worker on another ring version
+FENCED = "fenced"            # replicate: the replica serves the owner's channels now
+RESYNC = "resync"            # replicate: out of order or unknown stream; send a snapshot
 
 MAX_HANDOFF_NAMES = 10000  # channel names one handoff_take may carry in each list
+MAX_REPLICA_OPS = 100000   # operations one replicate may carry
 
 _ENVELOPE_SLACK_BYTES = 64 * 1024
 
@@ -232,6 +262,17 @@ _REQUEST_FIELDS = {
         "after": (_is_str, "a string", False),
         "limit": (_positive_int, "an integer >= 1", False),
         "done": (_is_names, f"a list of at most {MAX_HANDOFF_NAMES} strings", False),
+        "failback": (_is_bool, "a boolean", False),
+    },
+    "replicate": {
+        "from": (_is_str, "a string", True),
+        "ring": (_is_str, "a string", True),
+        "stream": (_is_str, "a string", True),
+        "n": (_positive_int, "an integer >= 1", True),
+        "sync": (_is_bool, "a boolean", False),
+        "synced": (_is_bool, "a boolean", False),
+        "ops": (lambda v: isinstance(v, list) and len(v) <= MAX_REPLICA_OPS,
+                f"a list of at most {MAX_REPLICA_OPS} operations", True),
     },
 }
 _COMMON_FIELDS = ("v", "id", "op")
@@ -410,3 +451,68 @@ def decode_handoff(reply: dict) -> Handoff:
         ids.append(tuple(entry))
     return Handoff([_handoff_channel(entry) for entry in channels], list(absent), ids, more,
                    last)
+
+
+# -- replication ------------------------------------------------------------------------
+
+def _is_message_list(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, list) and len(m) == 2 and _positive_int(m[0]) and _is_bytes(m[1])
+        for m in value)
+
+
+def _is_replica_id(value) -> bool:
+    return (isinstance(value, list) and len(value) == 4 and _is_publish_id(value[0])
+            and _positive_int(value[1]) and _positive_int(value[2]) and _is_expiry(value[3])
+            and value[3] is not None)
+
+
+# tag -> (length, check of the fields after the tag, what they must be)
+_REPLICA_OPS = {
+    "p": (9, lambda f: (_is_str(f[0]) and _positive_int(f[1]) and _positive_int(f[2])
+                        and _is_bytes(f[3]) and _nonneg_int(f[4]) and _is_expiry(f[5])
+                        and (f[6] is None or _is_publish_id(f[6])) and _is_expiry(f[7])
+                        and f[7] is not None),
+          '["p", name, epoch, seq, data, buffer_size, expires_at, publish_id, at]'),
+    "d": (2, lambda f: _is_str(f[0]), '["d", name]'),
+    "r": (7, lambda f: (_is_str(f[0]) and _positive_int(f[1]) and _nonneg_int(f[2])
+                        and _is_expiry(f[3]) and _is_message_list(f[4])
+                        and isinstance(f[5], list) and all(_is_replica_id(i) for i in f[5])),
+          '["r", name, epoch, seq, expires_at, messages, publish_ids]'),
+}
+
+
+def encode_replica_publish(name, epoch, seq, data, buffer_size, expires_at, publish_id, at):
+    return ["p", name, epoch, seq, data, buffer_size, expires_at, publish_id, at]
+
+
+def encode_replica_delete(name: str) -> list:
+    return ["d", name]
+
+
+def encode_replica_restore(name, epoch, seq, expires_at, messages, publish_ids) -> list:
+    """``messages``: ``(seq, data)`` oldest first, contiguous up to ``seq``;
+    ``publish_ids``: ``(publish_id, seq, epoch, at)``."""
+    return ["r", name, epoch, seq, expires_at, [list(m) for m in messages],
+            [list(i) for i in publish_ids]]
+
+
+def decode_replica_ops(ops: list) -> list:
+    """Check every operation of a replicate request; returns them as tuples
+    (``("p", ...)``, ``("d", name)``, ``("r", ...)``, fields as in the module
+    docstring); raises ProtocolError naming the first bad one."""
+    checked = []
+    for i, op in enumerate(ops):
+        shape = _REPLICA_OPS.get(op[0]) if isinstance(op, list) and op and isinstance(
+            op[0], str) else None
+        if shape is None or len(op) != shape[0] or not shape[1](op[1:]):
+            raise ProtocolError(f"replicate operation {i} is not one of "
+                                + ", ".join(what for _, _, what in _REPLICA_OPS.values()))
+        if op[0] == "r":
+            messages = op[5]
+            for k, (seq, _) in enumerate(messages):
+                if seq != op[3] - len(messages) + 1 + k:
+                    raise ProtocolError(f"replicate operation {i}: the messages of {op[1]!r} "
+                                        f"are not contiguous up to {op[3]}")
+        checked.append(tuple(op))
+    return checked

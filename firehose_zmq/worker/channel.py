@@ -190,6 +190,26 @@ class ChannelTable:
             heapq.heappush(self._expiry_heap, (expires_at, name))
         return channel, message
 
+    def apply_publish(self, name: str, epoch: int, seq: int, data: bytes, buffer_size: int,
+                      expires_at: Optional[float]) -> bool:
+        """Apply a publish its owner sequenced (a replica following it). False, changing
+        nothing, unless it is the next message of the channel's incarnation or the first
+        (sequence 1) of a new one."""
+        channel = self._channels.get(name)
+        if channel is None or channel.epoch != epoch:
+            if seq != 1:
+                return False
+            self._drop(name)
+            channel = self._channels[name] = Channel(name, epoch)
+        elif channel.seq + 1 != seq:
+            return False
+        before = channel.buffered_bytes
+        channel.publish(data, buffer_size, expires_at)
+        self.buffered_bytes += channel.buffered_bytes - before
+        if expires_at is not None:
+            heapq.heappush(self._expiry_heap, (expires_at, name))
+        return True
+
     def growth(self, name: str, data: bytes, now: float, buffer_size: int) -> tuple:
         """``(new_channel, bytes)``: whether publishing ``data`` to ``name`` would add
         a channel, and how many bytes it would add to ``buffered_bytes``."""

@@ -46,6 +46,15 @@ them wait, parked, meanwhile); channels that move away are refused with
 ``not_owner`` naming their new owner and handed over when it asks. Only the ring
 is applied on SIGHUP; other keys need a restart.
 
+Replicas (``replica``, with ``[storage] replicas``): every store operation of a
+channel this worker owns is also streamed to the channel's replicas; in ``sync``
+mode with ``replica_ack = "one"`` the outbox also holds a channel's replies and
+messages until its standby has acknowledged them, and the worker serves a
+channel only while that standby's lease holds. As a standby it keeps other
+owners' copies, takes an owner's channels over when an edge sends it their
+requests and the owner's lease has run out, and hands them back when the owner
+returns.
+
 A publish may carry a ``publish_id``: the worker remembers ids (with the seq
 and epoch they got, in the store too) for ``publish_id_window_s``, so a retry
 after a lost reply, even across a restart, is answered with the first result
@@ -66,6 +75,7 @@ from ..auth import curve
 from ..wire import frames
 from .channel import ChannelTable, PublishIds
 from .handoff import Handoff
+from .replica import Replica, Replicator
 from .. import cli
 from ..admin import WorkerAdmin
 from ..config import DURABILITY_MODES, ConfigError, check_storage, load_config_with_sources
@@ -102,6 +112,7 @@ class Counters:
         self.resends = 0  # newest messages re-sent for subscriptions
         self.over_quota = 0  # publishes refused by a quota
         self.commits = 0  # store transactions (group commits), counted when the store stops
+        self.unacknowledged = 0  # replies and messages dropped: their replica never acknowledged
 
 
 class _Parked(Exception):
@@ -142,6 +153,10 @@ class Worker:
         self._parking = None         # (channel, request id) of the request being parked
         # A request for a channel being taken waits at most this long for the take.
         self.take_timeout_s = min(2.0, config.edge.request_timeout_s / 2)
+        self.replicator = Replicator(self) if self.storage.replicas > 0 else None
+        self.replica = Replica(self) if self.storage.replicas > 0 else None
+        self._envelope = None          # the envelope of the request being handled
+        self._reply_channel = None     # the channel a successful reply is about
         self.reload_requested = False  # set by SIGHUP: apply reload_config() next turn
         self.reload_config = None      # () -> ClusterConfig, set by main
 
@@ -156,6 +171,8 @@ class Worker:
         storage = self.storage
         if storage.durability == "memory":
             log.info("worker %s keeps channels in memory only (durability memory)", self.me.id)
+            if self.replica is not None:
+                self.replica.open()
             return
         started = time.monotonic()
         store = Store(self.store_path, "FULL" if storage.durability == "sync" else "NORMAL")
@@ -195,6 +212,8 @@ class Worker:
                  len(snapshot.publish_ids), snapshot.dropped_expired, self.store_path,
                  1000 * (time.monotonic() - started), storage.durability,
                  "clean" if snapshot.clean else "unclean (crash or kill)")
+        if self.replica is not None:
+            self.replica.open()
 
     def _new_epoch(self) -> int:
         self._last_epoch = max(time.time_ns(), self._last_epoch + 1)
@@ -219,8 +238,10 @@ class Worker:
         curve.secure_server(self._xpub, self.config, self.me.id)
         self._xpub.bind(self.me.pub_bind)
         self.handoff.set_previous(self.config.ring_previous, self.config.ring_vnodes)
+        if self.replicator is not None:
+            self.replicator.open()
 
-    # -- what the handoff uses ------------------------------------------------------
+    # -- what the handoff and the replicas use ------------------------------------------------------
 
     @property
     def context(self):
@@ -232,6 +253,21 @@ class Worker:
 
     def clock(self) -> float:
         return self._clock()
+
+    @property
+    def router(self):
+        return self._router
+
+    def new_epoch(self) -> int:
+        return self._new_epoch()
+
+    def drop_gated(self, link) -> None:
+        """Forget the replies and messages waiting for ``link``'s acknowledgement: it
+        fenced this worker, so they were never acknowledged."""
+        kept = [entry for entry in self._outbox
+                if entry[1] is None or entry[1][0] is not link]
+        self.counters.unacknowledged += len(self._outbox) - len(kept)
+        self._outbox = deque(kept)
 
     def poll_register(self, sock) -> None:
         self._poller.register(sock, zmq.POLLIN)
@@ -286,6 +322,8 @@ class Worker:
         self.ring = ring
         self._valid_names.clear()
         self.handoff.set_previous(config.ring_previous, config.ring_vnodes)
+        if self.replicator is not None:
+            self.replicator.ring_changed()
         away = sum(1 for c in self.channels.channels() if ring.owner(c.name) != self.me.id)
         log.info("worker %s: ring changed from %s to %s (%s)%s; %d channels held here belong "
                  "to other workers now; taking from %s", self.me.id, before.version,
@@ -317,6 +355,12 @@ class Worker:
             self.counters.commits = self._writer.commits
             self._writer = None
         self.handoff.close()
+        if self.replicator is not None:
+            log.info("worker %s replication: %s; as a replica: %s", self.me.id,
+                     self.replicator.counters, self.replica.counters)
+            self.replicator.close()
+        if self.replica is not None:
+            self.replica.close(_STOP_TIMEOUT_S)
         for sock in (self._router, self._xpub):
             if sock is not None:
                 sock.close(linger=linger_ms)
@@ -336,6 +380,10 @@ class Worker:
             poller.register(notify, zmq.POLLIN)
         next_expiry = self._clock() + _EXPIRE_EVERY_S
         handoff = self.handoff
+        replicator, replica = self.replicator, self.replica
+        replica_notify = replica.notify_socket if replica is not None else None
+        if replica_notify is not None:
+            poller.register(replica_notify, zmq.POLLIN)
         try:
             while not should_stop():
                 if self.reload_requested:
@@ -343,6 +391,15 @@ class Worker:
                 ready = dict(poller.poll(self._poll_ms()))
                 if notify is not None and notify in ready:
                     self._flush_outbox()
+                if replicator is not None:
+                    links = replicator.sockets()
+                    released = False
+                    for sock in ready:
+                        link = links.get(sock)
+                        if link is not None:
+                            released |= replicator.drain(sock, link)
+                    if released or self._outbox:
+                        self._flush_outbox()
                 if self._router in ready:
                     self._drain_requests()
                 if self._xpub in ready:
@@ -357,8 +414,13 @@ class Worker:
                 now = self._clock()
                 if now >= next_expiry:
                     self._expire(now)
+                    if replica is not None:
+                        replica.tick(now)
                     next_expiry = now + _EXPIRE_EVERY_S
                 self._submit()
+                if replicator is not None:
+                    replicator.tick(time.monotonic())
+                    replica.flush()
                 self._send_ready()
             return self._drain()
         except StoreError as exc:
@@ -392,6 +454,8 @@ class Worker:
     def _record(self, op) -> None:
         if self._writer is not None:
             self._ops.append(op)
+        if self.replicator is not None:
+            self.replicator.record(op)
 
     def _submit(self) -> None:
         """Hand this turn's operations to the writer as one batch."""
@@ -404,13 +468,14 @@ class Worker:
         writer = self._writer
         return writer.last_ticket + 1 if self._ops else writer.last_ticket
 
-    def _send(self, sock, parts) -> None:
+    def _send(self, sock, parts, gate=None) -> None:
         """Send at the end of this loop turn, or (sync mode) once the state these
-        frames reveal is on disk."""
+        frames reveal is on disk and, with ``gate`` (``Replicator.gate``), once the
+        channel's replica has acknowledged it."""
         if self._gated:
             ticket = self._visible_ticket()
-            if self._outbox or ticket > self._writer.committed_ticket:
-                self._outbox.append((ticket, sock, parts))
+            if self._outbox or ticket > self._writer.committed_ticket or gate is not None:
+                self._outbox.append((ticket, gate, sock, parts))
                 return
         self._ready.append((sock, parts))
 
@@ -427,8 +492,18 @@ class Worker:
         if self.handoff.sources:
             self.handoff.committed(committed)
         outbox = self._outbox
+        replicator = self.replicator
         while outbox and (self._writer is None or outbox[0][0] <= committed):
-            _, sock, parts = outbox.popleft()
+            gate = outbox[0][1]
+            if gate is not None:
+                state = replicator.gate_state(gate)
+                if state == 0:
+                    break
+                if state < 0:
+                    outbox.popleft()
+                    self.counters.unacknowledged += 1
+                    continue
+            _, _, sock, parts = outbox.popleft()
             send_frames(sock, parts)
 
     def _expire(self, now: float) -> None:
@@ -470,14 +545,22 @@ class Worker:
         """Handle one request (its envelope, then its body) and send the reply, or
         park it while its channel is being taken from its previous owner."""
         self._reply_reveals_state = True
+        self._reply_channel = None
+        self._parking = None
+        self._envelope = parts[:-1]
         reply = self.handle_request(parts[-1])
         if reply is None:
+            if self._parking is None:
+                return  # a replicate: acknowledged once committed
             name, request_id = self._parking
             self.handoff.park(name, parts, request_id)
             return
         parts[-1] = reply  # the envelope, then the reply
         if self._reply_reveals_state:
-            self._send(self._router, parts)
+            gate = None
+            if self._reply_channel is not None and self.replicator is not None:
+                gate = self.replicator.gate(self._reply_channel)
+            self._send(self._router, parts, gate)
         else:
             # A heartbeat must not wait behind the disk, or a slow commit
             # would get a healthy worker declared down.
@@ -503,7 +586,8 @@ class Worker:
             if subscribe:
                 xpub.setsockopt(zmq.SUBSCRIBE, frame[1:])
                 self.counters.subscriptions += 1
-                if self.ring.owner(name) == self.me.id:
+                if self.ring.owner(name) == self.me.id or (
+                        self.replica is not None and self.replica.serving(name)):
                     self._resend_newest(name)
             else:
                 xpub.setsockopt(zmq.UNSUBSCRIBE, frame[1:])
@@ -551,8 +635,9 @@ class Worker:
         if channel.expires_at is not None:
             ttl = max(0, math.ceil(channel.expires_at - now))
         seq, data = message
+        gate = self.replicator.gate(channel.name) if self.replicator is not None else None
         self._send(self._xpub, frames.encode_message(frames.PubMessage(
-            channel.name, seq, channel.epoch, data, ttl)))
+            channel.name, seq, channel.epoch, data, ttl)), gate)
 
     # -- requests --------------------------------------------------------------
 
@@ -578,12 +663,15 @@ class Worker:
             self._parking = (request["channel"], request_id)
             return None
         except frames.ProtocolError as exc:
+            self._reply_channel = None  # a refusal waits for no replica
             if exc.code not in (frames.DEADLINE, frames.OVERLOADED, frames.QUOTA,
-                                frames.NOT_OWNER, frames.RING_MISMATCH, frames.UNAVAILABLE):
+                                frames.NOT_OWNER, frames.RING_MISMATCH, frames.UNAVAILABLE,
+                                frames.FENCED, frames.RESYNC):
                 self._reject(str(exc))
             return frames.encode_error(request_id, exc.code, str(exc), self.ring.version,
                                        owner=exc.owner)
         except Exception:
+            self._reply_channel = None
             log.exception("request %r failed", request.get("op"))
             return frames.encode_error(request_id, "internal", "internal error in the worker",
                                          self.ring.version)
@@ -600,11 +688,15 @@ class Worker:
             self._valid_names.add(name)
         owner = self.ring.owner(name)
         if owner != self.me.id:
+            if self.replica is not None and self.replica.check(name, owner):
+                return name
             raise frames.ProtocolError(
                 f"worker {self.me.id} does not own {name!r} (owner {owner}) in ring "
                 f"{self.ring.version}", frames.NOT_OWNER, owner=owner)
         if self.handoff.active and not self.handoff.check(name, request["id"]):
             raise _Parked()
+        if self.replicator is not None:
+            self.replicator.check(name)
         return name
 
     def _dispatch(self, request) -> bytes:
@@ -613,9 +705,20 @@ class Worker:
             self._reply_reveals_state = False
             return frames.encode_reply(request_id, worker=self.me.id, ring=self.ring.version)
         if op == "handoff_take":
+            if request.get("failback"):
+                if self.replica is None:
+                    raise frames.ProtocolError(f"worker {self.me.id} keeps no replicas")
+                return self.replica.give_back(request)
             return self.handoff.give(request)
+        if op == "replicate":
+            if self.replica is None:
+                raise frames.ProtocolError(f"worker {self.me.id} keeps no replicas "
+                                           "([storage] replicas is 0 here)")
+            self.replica.receive(request, self._envelope)
+            return None
         name = self._owned_channel(request)
         now = self._clock()
+        self._reply_channel = name
         if op == "publish":
             return self._publish(request, name, now)
         if op == "fetch":

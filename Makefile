@@ -32,7 +32,7 @@ $(BENCH_STAMP): $(STAMP)
 
 # Options via the environment: BENCH_QUICK=1, BENCH_REPEATS, BENCH_DURATION,
 # BENCH_ONLY (regex on scenario keys), BENCH_SERVERS, BENCH_OUT, BENCH_DURABILITY,
-# BENCH_COMMIT_WINDOW_MS;
+# BENCH_COMMIT_WINDOW_MS, BENCH_EDGES (firehose-cluster --edges);
 # see bench/run.py.
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py

@@ -259,9 +259,20 @@ class FirehoseServer(ManagedServer):
                                   f" and {self.edges} edge(s) listening);"
                                   f" log:\n{self.log_tail()}")
             time.sleep(0.05)
-        status, _, body = http("PUT", f"{self.url}/bench-probe/ready", b"ready")
-        if status != 202:
-            raise ServerError(f"firehose-zmq answered {status} {body[:200]!r} to a probe publish")
+        # With several edges, one may log its workers up before another has heard them
+        # (a 503 for a moment): probes on new connections (the kernel spreads them over
+        # the edges) until 4 per edge in a row succeed, or the deadline.
+        ok = 0
+        while ok < 4 * self.edges:
+            status, _, body = http("PUT", f"{self.url}/bench-probe/ready", b"ready")
+            if status == 202:
+                ok += 1
+                continue
+            ok = 0
+            if status != 503 or time.monotonic() > deadline:
+                raise ServerError(f"firehose-zmq answered {status} {body[:200]!r} to a probe "
+                                  f"publish")
+            time.sleep(0.05)
         self.pids()
 
     def store_counts(self) -> dict:

@@ -20,8 +20,12 @@ $(STAMP): setup.cfg pyproject.toml
 # Every setting comes from the environment too: FIREHOSE_PORT_BASE=8000 make run moves
 # every port (HTTP 8000, native 8001-8002, admin 8003-8005, workers 8007-8010);
 # FIREHOSE_<SECTION>_<KEY> sets one key; `.venv/bin/firehose-cluster --print-config` lists them.
+# EDGES=2 make run serves with two edges sharing the HTTP port (EDGES=$$(nproc): one per
+# core); one is the default because on two cores a second edge measured more CPU per
+# operation and no more throughput (README, Benchmark).
+EDGES ?= 1
 run: install
-	$(VENV)/bin/firehose-cluster
+	$(VENV)/bin/firehose-cluster --edges $(EDGES)
 
 test: install
 	$(PY) -m pytest -q
@@ -32,7 +36,7 @@ $(BENCH_STAMP): $(STAMP)
 
 # Options via the environment: BENCH_QUICK=1, BENCH_REPEATS, BENCH_DURATION,
 # BENCH_ONLY (regex on scenario keys), BENCH_SERVERS, BENCH_OUT, BENCH_DURABILITY,
-# BENCH_COMMIT_WINDOW_MS;
+# BENCH_COMMIT_WINDOW_MS, BENCH_EDGES (firehose-cluster --edges);
 # see bench/run.py.
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py

@@ -59,6 +59,11 @@ def median_figures(figure_list: list) -> dict:
         out[key] = round(statistics.median(values), 3) if values else None
     for key in ("lost", "dup", "errors"):
         out[key] = sum(f.get(key) or 0 for f in figure_list)
+    threads = [f["threads_us_per_op"] for f in figure_list if f.get("threads_us_per_op")]
+    if threads:
+        names = sorted({name for t in threads for name in t})
+        out["threads_us_per_op"] = {name: round(statistics.median(t.get(name, 0.0) for t in threads), 1)
+                                    for name in names}
     out["runs"] = len(figure_list)
     return out
 
@@ -212,7 +217,7 @@ def table(doc: dict) -> str:
                  "appendfsync always. ratio = ours/peer server CPU per op (idle: bytes per "
                  "connection; isolation: quiet p99 with the hot channel / alone, ours (peer's)). "
                  f"Medians of {meta['repeats']} run(s); commit window "
-                 f"{meta.get('commit_window_ms', 0)} ms.")
+                 f"{meta.get('commit_window_ms', 0)} ms; {meta.get('firehose_edges', 1)} edge(s).")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ Exit code: 0 when every firehose-zmq run completed with nothing lost, duplicated
 failed; 1 otherwise; 2 when the harness could not run at all; 130 on Ctrl-C.
 Environment defaults for the options: BENCH_QUICK=1, BENCH_REPEATS, BENCH_DURATION,
 BENCH_ONLY, BENCH_SERVERS, BENCH_OUT, BENCH_PROFILE=1, BENCH_DURABILITY,
-BENCH_COMMIT_WINDOW_MS.
+BENCH_COMMIT_WINDOW_MS, BENCH_EDGES.
 """
 
 import argparse
@@ -80,7 +80,12 @@ def describe(figures: dict) -> str:
     if figures.get("bytes_per_conn") is not None:
         parts.append(f"{figures['bytes_per_conn']:,.0f} B/conn")
     parts.append(f"lost {figures['lost']} dup {figures['dup']} errors {figures['errors']}")
-    return "-> " + ", ".join(parts)
+    line = "-> " + ", ".join(parts)
+    threads = figures.get("threads_us_per_op")
+    if threads:
+        line += "\n               us/op per thread: " + ", ".join(
+            f"{name} {us:.1f}" for name, us in threads.items() if us >= 0.5)
+    return line
 
 
 class LpbenchRun:
@@ -237,7 +242,8 @@ class Runner:
         if report.is_ours(label):
             return FirehoseServer(run_dir, workers=self.options.workers,
                                   durability=report.mode_of(label),
-                                  commit_window_ms=self.options.commit_window_ms, label=label)
+                                  commit_window_ms=self.options.commit_window_ms, label=label,
+                                  edges=self.options.edges)
         if label == report.PEER:
             return NchanServer(run_dir, workers=self.options.nchan_workers)
         fsync = label[len(report.REDIS_PEER) + 1:]
@@ -355,6 +361,9 @@ def parse_args(argv):
                    default=int(env.get("BENCH_COMMIT_WINDOW_MS", "0")),
                    help="firehose-zmq's [storage] commit_window_ms (default 0; "
                         "BENCH_COMMIT_WINDOW_MS)")
+    p.add_argument("--edges", type=int, default=int(env.get("BENCH_EDGES", "1")),
+                   help="firehose-cluster --edges: edge processes sharing the HTTP port "
+                        "(default 1; BENCH_EDGES)")
     p.add_argument("--nchan-workers", type=int, default=1, help="nginx worker processes")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
     p.add_argument("--profile", action="store_true", default=env.get("BENCH_PROFILE", "") not in ("", "0"),
@@ -374,6 +383,8 @@ def parse_args(argv):
     options.durability = [m for m in report.MODES if m in modes]  # least to most durable
     if options.commit_window_ms < 0:
         p.error("--commit-window-ms must be >= 0")
+    if options.edges < 1:
+        p.error("--edges must be >= 1")
     return options
 
 
@@ -450,7 +461,8 @@ def main(argv=None) -> int:
     doc = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None,
                     "complete": False, "quick": options.quick, "repeats": options.repeats,
                     "duration_s": options.duration, "servers": None,
-                    "firehose_workers": options.workers, "nchan_workers": options.nchan_workers,
+                    "firehose_workers": options.workers, "firehose_edges": options.edges,
+                    "nchan_workers": options.nchan_workers,
                     "firehose_durability": options.durability,
                     "commit_window_ms": options.commit_window_ms,
                     "peers": {m: report.peer_of(m) for m in report.MODES},

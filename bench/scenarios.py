@@ -146,7 +146,8 @@ def _figures(kind: str, result: dict) -> dict:
         return {"ops_per_s": result.get("req_per_s"), "cpu_us_per_op": result.get("server_cpu_us_per_req"),
                 "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"),
                 "rss_kb": result.get("rss_kb_after"), "lost": 0, "dup": 0,
-                "errors": result.get("errors", 0), "bytes_per_conn": None}
+                "errors": result.get("errors", 0), "bytes_per_conn": None,
+                "threads_us_per_op": result.get("server_threads_us_per_req")}
     if kind == "idle":
         idle_mem = result.get("mem_idle_kb") or {}
         return {"ops_per_s": None, "cpu_us_per_op": None, "p50_ms": None, "p99_ms": None,
@@ -164,4 +165,5 @@ def _figures(kind: str, result: dict) -> dict:
             "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"),
             "rss_kb": result.get("server_rss_kb_end"),
             "lost": result.get("lost", 0) + result.get("undelivered_at_end", 0),
-            "dup": result.get("dup", 0), "errors": errors, "bytes_per_conn": None}
+            "dup": result.get("dup", 0), "errors": errors, "bytes_per_conn": None,
+            "threads_us_per_op": result.get("server_threads_us_per_delivery")}

@@ -190,14 +190,17 @@ STOPPED_LINE = re.compile(r"worker (\S+) stopped[^:]*: \d+ requests, (\d+) publi
 
 class FirehoseServer(ManagedServer):
     """A firehose-zmq cluster as ``make run`` starts it (firehose-cluster: workers and
-    one edge), configured by a generated TOML file on free loopback ports."""
+    ``edges`` edges sharing the HTTP port), configured by a generated TOML file on free
+    loopback ports."""
 
     name = "firehose-zmq"
     proto = "firehose"
 
     def __init__(self, run_dir: Path, workers: int = 2, long_poll_timeout_s: float = 30.0,
-                 durability: str = "sync", commit_window_ms: int = 0, label: str = None):
+                 durability: str = "sync", commit_window_ms: int = 0, label: str = None,
+                 edges: int = 1):
         super().__init__(run_dir)
+        self.edges = edges
         self.durability = durability
         self.commit_window_ms = commit_window_ms
         self.name = label or self.name
@@ -241,23 +244,35 @@ class FirehoseServer(ManagedServer):
         # firehose-cluster starts its children with `python -m firehose_zmq...`, which
         # imports from the working directory first: run it in this checkout, the code
         # the venv's editable install points at, whatever the caller's directory is.
-        self._spawn([str(self.bin), "--config", str(self.config_path), "--log-level", "INFO"], env,
-                    cwd=HERE.parent)
+        self._spawn([str(self.bin), "--config", str(self.config_path), "--log-level", "INFO",
+                     "--edges", str(self.edges)], env, cwd=HERE.parent)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        wanted = ["edge listening"] + [f"worker {w} up" for w in self.worker_ids]
+        wanted = [f"worker {w} up" for w in self.worker_ids]
         while True:
             text = self.log_text()
-            if all(w in text for w in wanted):
+            if all(w in text for w in wanted) and text.count("edge listening") >= self.edges:
                 break
             if "Address already in use" in text:
                 raise PortTaken(f"firehose-zmq: a port was taken: {self.log_tail(3)}")
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise ServerError(f"firehose-cluster did not become ready (waiting for {wanted});"
+                raise ServerError(f"firehose-cluster did not become ready (waiting for {wanted}"
+                                  f" and {self.edges} edge(s) listening);"
                                   f" log:\n{self.log_tail()}")
             time.sleep(0.05)
-        status, _, body = http("PUT", f"{self.url}/bench-probe/ready", b"ready")
-        if status != 202:
-            raise ServerError(f"firehose-zmq answered {status} {body[:200]!r} to a probe publish")
+        # With several edges, one may log its workers up before another has heard them
+        # (a 503 for a moment): probes on new connections (the kernel spreads them over
+        # the edges) until 4 per edge in a row succeed, or the deadline.
+        ok = 0
+        while ok < 4 * self.edges:
+            status, _, body = http("PUT", f"{self.url}/bench-probe/ready", b"ready")
+            if status == 202:
+                ok += 1
+                continue
+            ok = 0
+            if status != 503 or time.monotonic() > deadline:
+                raise ServerError(f"firehose-zmq answered {status} {body[:200]!r} to a probe "
+                                  f"publish")
+            time.sleep(0.05)
         self.pids()
 
     def store_counts(self) -> dict:

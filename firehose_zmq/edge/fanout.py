@@ -13,9 +13,11 @@ feed (subscribing when the feed is new), then asks the owning worker for what
 it has missed. The fetch reply tells the channel's sequence ``S`` and epoch;
 from then on the listener accepts a live message only if it is the next one
 (``seq == floor + 1``) of that epoch, or the start of a newer epoch (the channel
-expired or was deleted and started over). Live messages that arrive while the
-fetch is in flight are kept in the feed's ``recent`` ring and replayed to the
-listener once it knows its floor. A message published while the subscription
+expired or was deleted and started over). Live messages that arrive while a
+fetch of one of the feed's listeners is in flight are kept in the feed's
+``recent`` ring and replayed to the listener once it knows its floor (what
+arrived before the fetch left is in its reply; with no fetch in flight the feed
+keeps nothing). A message published while the subscription
 was still on its way is re-sent by the worker when the subscription lands (its
 last-value cache); any message whose sequence jumps past ``floor + 1`` makes the
 listener fetch the gap from the worker. So nothing is lost, and duplicates are
@@ -139,13 +141,14 @@ class Feed:
     the worker has published as far as this edge has heard.
     """
 
-    __slots__ = ("channel", "listeners", "recent", "idle_since", "synced", "head_seq",
-                 "head_epoch")
+    __slots__ = ("channel", "listeners", "recent", "fetches", "idle_since", "synced",
+                 "head_seq", "head_epoch")
 
     def __init__(self, channel: str):
         self.channel = channel
         self.listeners: set = set()
         self.recent: deque = deque(maxlen=RECENT_SIZE)
+        self.fetches = 0  # listeners' fetches in flight: while any, ``recent`` keeps messages
         self.idle_since = 0.0
         self.synced = False
         self.head_seq = 0
@@ -208,13 +211,20 @@ class Fanout:
             fields["after"] = True
         if listener.once:
             fields["limit"] = 1
+        feed = self._feeds.get(listener.channel)
+        if feed is not None:
+            feed.fetches += 1
         future = self._backend.request(listener.channel, "fetch", **fields)
-        future.add_done_callback(lambda f: self._fetched(listener, f, after))
+        future.add_done_callback(lambda f: self._fetched(listener, f, after, feed))
 
-    def _fetched(self, listener: Listener, future, after: bool) -> None:
+    def _fetched(self, listener: Listener, future, after: bool, feed) -> None:
+        if feed is not None:
+            feed.fetches -= 1
         try:
             self._apply_fetch(listener, future, after)
         finally:
+            if feed is not None and not feed.fetches:
+                feed.recent.clear()  # what it kept was for fetches no longer in flight
             if listener.closed or not listener.fetching:
                 self._ready(listener)
 
@@ -266,7 +276,8 @@ class Fanout:
 
     def _deliver(self, listener: Listener, items) -> None:
         if listener.once:
-            items = items[:1]
+            if len(items) > 1:
+                items = items[:1]
             self.remove(listener)
         listener.on_items(listener, items)
 
@@ -380,7 +391,8 @@ class Fanout:
             return
         started = time.monotonic()
         live = LiveMessage(message.seq, message.epoch, Item(message.seq, message.data))
-        feed.recent.append(live)
+        if feed.fetches:
+            feed.recent.append(live)
         if message.epoch > feed.head_epoch or (message.epoch == feed.head_epoch
                                                 and message.seq > feed.head_seq):
             feed.head_epoch, feed.head_seq = message.epoch, message.seq
@@ -434,6 +446,11 @@ class Poll:
 
     ``on_done(result, exc)`` is called exactly once: ``result`` is
     ``(channel, item)``, or None on timeout or cancel; ``exc`` a BackendError.
+
+    A poll is the hot path of every long-poll client, so it allocates little: its
+    listeners call back through module functions (``_poll_items``,
+    ``_poll_error``) with the poll as their ``context``, not through bound
+    methods made per poll, and a poll over one channel subscribes at once.
     """
 
     __slots__ = ("on_done", "done", "slot", "_fanout", "_timeouts", "_listeners")
@@ -443,9 +460,15 @@ class Poll:
         self.done = False
         self._fanout = fanout
         self._timeouts = timeouts
-        self._listeners = [Listener(sub.channel, self._on_items, self._on_error, once=True)
-                           for sub in subscriptions]
         timeouts.add(self)
+        if len(subscriptions) == 1:
+            sub = subscriptions[0]
+            listener = Listener(sub.channel, _poll_items, _poll_error, True, self)
+            self._listeners = (listener,)
+            fanout.add(listener, sub.last_sequence)
+            return
+        self._listeners = [Listener(sub.channel, _poll_items, _poll_error, True, self)
+                           for sub in subscriptions]
         self._add(list(zip(self._listeners, subscriptions)))
 
     def _add(self, pending: list) -> None:
@@ -458,9 +481,6 @@ class Poll:
             self._fanout.add(listener, sub.last_sequence)
         if rest and not self.done:
             asyncio.get_running_loop().call_soon(self._add, rest)
-
-    def _on_items(self, listener, items) -> None:
-        self._end((listener.channel, items[0]), None)
 
     def _on_error(self, listener, exc) -> None:
         # One channel's owner failing does not end a multiplexed poll while
@@ -477,10 +497,11 @@ class Poll:
         self.done = True
         self._timeouts.discard(self)
         listeners, self._listeners = self._listeners, ()
+        remove = self._fanout.remove
         for listener in listeners:
-            self._fanout.remove(listener)
-        # No cycle is left (poll -> listener -> bound method -> poll): the poll is
-        # freed by reference counting, not by the cyclic collector.
+            remove(listener)
+        # No cycle is left (poll -> listener -> poll): the poll is freed by
+        # reference counting, not by the cyclic collector.
         on_done, self.on_done = self.on_done, None
         on_done(result, exc)
 
@@ -489,6 +510,15 @@ class Poll:
         self._end(None, None)
 
     cancel = expire
+
+
+def _poll_items(listener: Listener, items) -> None:
+    """A poll's listener got its message: the poll ends with it."""
+    listener.context._end((listener.channel, items[0]), None)
+
+
+def _poll_error(listener: Listener, exc) -> None:
+    listener.context._on_error(listener, exc)
 
 
 class Timeouts:

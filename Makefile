@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-scale clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ $(BENCH_STAMP): $(STAMP)
 # see bench/run.py.
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
+
+# The scale row: 1, 2 and 4 workers x 1 and 2 edges (bench/scale.py; about 10 min).
+bench-scale: $(BENCH_STAMP)
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

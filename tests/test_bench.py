@@ -197,3 +197,17 @@ def test_stream_probe_accepts_a_held_stream_and_refuses_a_long_poll(tmp_path):
                 assert ok is expected, (transport, why)
         finally:
             stop()
+
+
+def test_scale_row_runs_one_shape_quickly(tmp_path):
+    """bench/scale.py (make bench-scale) in its smallest form: one worker, one edge, both
+    rows measured, a table and its JSON."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "BENCH_QUICK": "1", "BENCH_SCALE_WORKERS": "1",
+           "BENCH_SCALE_EDGES": "1", "BENCH_SCALE_OUT": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(root / "bench" / "scale.py")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = json.loads((tmp_path / "scale.json").read_text())
+    assert set(table["w1-e1"]) == {"publish", "fanout_lp_100"}  # the quick sizes
+    assert "workers edges" in done.stdout

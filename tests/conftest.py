@@ -3,7 +3,7 @@ import asyncio
 import pytest
 import zmq
 
-from .cluster import Cluster
+from .cluster import SERVING_PATHS, Cluster
 from .http import reset_async_client
 
 
@@ -11,6 +11,16 @@ from .http import reset_async_client
 def cluster(tmp_path_factory):
     """A two-worker cluster shared by the tests of one module (long-poll timeout 3 s)."""
     with Cluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module", params=sorted(SERVING_PATHS))
+def cluster_on_both_paths(request, tmp_path_factory):
+    """A two-worker cluster whose edge reads requests on its fast path, or through
+    Tornado (``--no-fast-path``): the contract is the same either way. A module
+    runs its tests on both with ``cluster = cluster_on_both_paths``-style fixtures."""
+    with Cluster(tmp_path_factory.mktemp("cluster"),
+                 edge_args=SERVING_PATHS[request.param]) as running:
         yield running
 
 

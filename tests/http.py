@@ -1,6 +1,7 @@
 """Small HTTP clients for the tests: a blocking one and an asyncio one (Tornado's)."""
 
 import http.client
+import socket
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -55,3 +56,43 @@ def reset_async_client() -> None:
     if _client is not None:
         _client.close()
         _client = None
+
+
+def parse_response_head(head: bytes) -> tuple:
+    """``(status, {lower-case name: value})`` of a response head without its blank line."""
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers
+
+
+def read_statuses(sock: socket.socket, count: int) -> list:
+    """The statuses of the next ``count`` answers on a raw socket (interim 1xx skipped;
+    fewer when the connection ends or times out first)."""
+    received = b""
+    statuses = []
+    while len(statuses) < count:
+        while b"\r\n\r\n" not in received:
+            try:
+                more = sock.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                more = b""
+            if not more:
+                return statuses
+            received += more
+        head, _, received = received.partition(b"\r\n\r\n")
+        status, headers = parse_response_head(head)
+        if status < 200:
+            continue
+        statuses.append(status)
+        length = int(headers.get("content-length", "0"))
+        while len(received) < length:
+            more = sock.recv(65536)
+            if not more:
+                return statuses
+            received += more
+        received = received[length:]
+    return statuses

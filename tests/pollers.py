@@ -17,6 +17,8 @@ import zmq.asyncio
 from firehose_zmq.ring import Ring
 from firehose_zmq.wire import frames
 
+from .http import parse_response_head
+
 
 def channels_on(worker_id: str, worker_ids, count: int, prefix: str = "/scale") -> list:
     """``count`` channel names that the ring gives to ``worker_id``."""
@@ -89,13 +91,7 @@ class Poller:
                            f"Host: 127.0.0.1\r\n\r\n".encode())
         self.polled_at = time.monotonic()
         head = await self._reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
+        status, headers = parse_response_head(head)
         body = await self._reader.readexactly(int(headers.get("content-length", "0")))
         if headers.get("connection", "").lower() == "close":
             await self._close()

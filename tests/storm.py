@@ -14,6 +14,8 @@ import asyncio
 import json
 import time
 
+from .http import parse_response_head
+
 
 class Http:
     """One keep-alive HTTP/1.1 connection (reopened after an error)."""
@@ -30,13 +32,7 @@ class Http:
             head += f"Content-Length: {len(body)}\r\n"
         self._writer.write(head.encode() + b"\r\n" + body)
         head = await self._reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
+        status, headers = parse_response_head(head)
         data = await self._reader.readexactly(int(headers.get("content-length", "0")))
         if headers.get("connection", "").lower() == "close":
             await self.close()

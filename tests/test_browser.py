@@ -113,6 +113,25 @@ class ReportHandler(tornado.web.RequestHandler):
         self.set_status(204)
 
 
+class PageSite:
+    """The page's own origin (a Tornado server on a free port) and a headless Chromium
+    showing the page with ``query``; ``reports`` is what the page reported."""
+
+    def __init__(self, chromium_binary: str, query: str):
+        self.reports = Reports()
+        app = tornado.web.Application([("/page.html", PageHandler),
+                                       ("/report", ReportHandler, {"reports": self.reports})])
+        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+        self.server = tornado.httpserver.HTTPServer(app)
+        self.server.add_sockets(sockets)
+        port = sockets[0].getsockname()[1]
+        self.browser = Chromium(chromium_binary, f"http://127.0.0.1:{port}/page.html?{query}")
+
+    def stop(self) -> None:
+        self.browser.stop()
+        self.server.stop()
+
+
 @pytest.fixture(scope="session")
 def chromium_binary():
     path, why_not = find_or_install_chromium()
@@ -132,16 +151,9 @@ def test_browser_event_source_and_websocket_resume_after_edge_restart(tmp_path, 
             assert r.status == 202
 
         async def go():
-            reports = Reports()
-            app = tornado.web.Application([("/page.html", PageHandler),
-                                           ("/report", ReportHandler, {"reports": reports})])
-            sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-            page_port = sockets[0].getsockname()[1]
-            server = tornado.httpserver.HTTPServer(app)
-            server.add_sockets(sockets)
             edge = f"http://127.0.0.1:{cluster.http_port}"
-            browser = Chromium(chromium_binary, f"http://127.0.0.1:{page_port}/page.html"
-                                                f"?edge={edge}&channel={channel}")
+            site = PageSite(chromium_binary, f"edge={edge}&channel={channel}")
+            reports, browser = site.reports, site.browser
             loop = asyncio.get_running_loop()
             try:
                 await reports.wait_for(lambda: reports.of("sse", "open")
@@ -169,8 +181,7 @@ def test_browser_event_source_and_websocket_resume_after_edge_restart(tmp_path, 
                 print(browser.log_text())
                 raise
             finally:
-                browser.stop()
-                server.stop()
+                site.stop()
 
         run(go(), timeout_s=180)
 
@@ -189,16 +200,9 @@ def test_browser_subscribes_with_a_token_in_its_urls(tmp_path, run, chromium_bin
     tables = f'[auth]\npublish = "required"\nsubscribe = "required"\njwt_key = "{secret}"\n'
     with Cluster(tmp_path, tables=tables) as cluster:
         async def go():
-            reports = Reports()
-            app = tornado.web.Application([("/page.html", PageHandler),
-                                           ("/report", ReportHandler, {"reports": reports})])
-            sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-            page_port = sockets[0].getsockname()[1]
-            server = tornado.httpserver.HTTPServer(app)
-            server.add_sockets(sockets)
             edge = f"http://127.0.0.1:{cluster.http_port}"
-            browser = Chromium(chromium_binary, f"http://127.0.0.1:{page_port}/page.html"
-                                                f"?edge={edge}&channel={channel}&token={token}")
+            site = PageSite(chromium_binary, f"edge={edge}&channel={channel}&token={token}")
+            reports, browser = site.reports, site.browser
             try:
                 await reports.wait_for(lambda: reports.of("sse", "open")
                                        and reports.of("ws", "open"), "both subscriptions")
@@ -215,7 +219,6 @@ def test_browser_subscribes_with_a_token_in_its_urls(tmp_path, run, chromium_bin
                 print(browser.log_text())
                 raise
             finally:
-                browser.stop()
-                server.stop()
+                site.stop()
 
         run(go(), timeout_s=120)

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from .cluster import Cluster
-from .http import request
+from .http import read_statuses, request
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -256,7 +256,7 @@ def test_publishes_past_the_rate_limit_get_429(tmp_path):
         with socket.create_connection(("127.0.0.1", cluster.http_port), timeout=5) as sock:
             one = f"PUT {channel} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nm".encode()
             sock.sendall(one * 10)
-            statuses = _statuses(sock, 10)
+            statuses = read_statuses(sock, 10)
         assert statuses == [202] * 5 + [429] * 5, statuses
         assert request(cluster.url(channel)).status == 200  # reading is not limited
         deadline = time.monotonic() + 3
@@ -265,26 +265,6 @@ def test_publishes_past_the_rate_limit_get_429(tmp_path):
         log = cluster.edge.log_text()
     assert "Traceback" not in log
 
-
-def _statuses(sock, count: int) -> list:
-    data = b""
-    statuses = []
-    while len(statuses) < count:
-        more = sock.recv(65536)
-        assert more, f"closed after {statuses}"
-        data += more
-        while b"\r\n\r\n" in data:
-            head, _, rest = data.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(rest) < length:
-                break
-            statuses.append(int(head.split(b" ")[1]))
-            data = rest[length:]
-    return statuses
 
 
 def test_a_long_poll_on_a_thousand_channels_gets_the_last_ones_message(cluster):

@@ -5,17 +5,14 @@ import json
 
 import pytest
 
-from .cluster import Cluster, SERVING_PATHS, channel_on
+from .cluster import channel_on
 from .http import request
 
 
-@pytest.fixture(scope="module", params=sorted(SERVING_PATHS))
-def cluster(request, tmp_path_factory):
-    """A two-worker cluster whose edge reads requests on its fast path, or through
-    Tornado (``--no-fast-path``): the same contract either way."""
-    with Cluster(tmp_path_factory.mktemp("cluster"),
-                 edge_args=SERVING_PATHS[request.param]) as running:
-        yield running
+@pytest.fixture(scope="module")
+def cluster(cluster_on_both_paths):
+    """This module's tests run on both serving paths."""
+    return cluster_on_both_paths
 
 _names = itertools.count()
 

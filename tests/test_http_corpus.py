@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from .cluster import SERVING_PATHS, Cluster
+from .http import read_statuses
 
 HUGE_SEQUENCE = "1" * 70000  # a head over 64 KiB (max_head_bytes)
 
@@ -125,43 +126,13 @@ def edges(tmp_path_factory):
 
 
 def _statuses(port: int, data: bytes, answers: int, timeout_s: float = 5.0) -> list:
-    """The status of each of the first ``answers`` answers on one connection (fewer
-    when it closes first)."""
+    """The statuses of the first ``answers`` answers to ``data`` on a new connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
         try:
             sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        received = b""
-        statuses = []
-        while len(statuses) < answers:
-            while True:
-                found = received.find(b"\r\n\r\n")
-                if found >= 0:
-                    break
-                try:
-                    more = sock.recv(65536)
-                except (ConnectionResetError, socket.timeout):
-                    more = b""
-                if not more:
-                    return statuses
-                received += more
-            head, received = received[:found], received[found + 4:]
-            status = int(head.split(b" ", 2)[1])
-            if status == 100:
-                continue
-            statuses.append(status)
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-                    while len(received) < length:
-                        more = sock.recv(65536)
-                        if not more:
-                            return statuses
-                        received += more
-                    received = received[length:]
-        return statuses
+        return read_statuses(sock, answers)
 
 
 @pytest.mark.parametrize("name, build, expected", CORPUS, ids=[case[0] for case in CORPUS])

@@ -6,16 +6,12 @@ import json
 import pytest
 
 from .http import request
-from .cluster import Cluster, SERVING_PATHS
 
 
-@pytest.fixture(scope="module", params=sorted(SERVING_PATHS))
-def cluster(request, tmp_path_factory):
-    """A two-worker cluster whose edge reads requests on its fast path, or through
-    Tornado (``--no-fast-path``): the same contract either way."""
-    with Cluster(tmp_path_factory.mktemp("cluster"),
-                 edge_args=SERVING_PATHS[request.param]) as running:
-        yield running
+@pytest.fixture(scope="module")
+def cluster(cluster_on_both_paths):
+    """This module's tests run on both serving paths."""
+    return cluster_on_both_paths
 
 _names = itertools.count()
 

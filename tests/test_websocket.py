@@ -9,19 +9,16 @@ import time
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from .cluster import Cluster, channel_on, SERVING_PATHS
+from .cluster import Cluster, channel_on
 from .http import async_request, request
 from .streamclient import (EventStreamReader, RawWebSocket, global_counter, ws_connect,
                            ws_ping, ws_recv, ws_send)
 
 
-@pytest.fixture(scope="module", params=sorted(SERVING_PATHS))
-def cluster(request, tmp_path_factory):
-    """A two-worker cluster whose edge reads requests on its fast path, or through
-    Tornado (``--no-fast-path``): the same contract either way."""
-    with Cluster(tmp_path_factory.mktemp("cluster"),
-                 edge_args=SERVING_PATHS[request.param]) as running:
-        yield running
+@pytest.fixture(scope="module")
+def cluster(cluster_on_both_paths):
+    """This module's tests run on both serving paths."""
+    return cluster_on_both_paths
 
 _names = itertools.count()
 

@@ -137,6 +137,16 @@ class _Session:
         self.conn.abort()
 
     def on_error(self, listener, exc) -> None:
+        """A fetch of ``listener`` failed: a gap fetch is retried by the fan-out; a lost
+        subscription is the stream's to handle (``subscription_lost``)."""
+        if self.ended:
+            return
+        if not _subscription_lost(listener):
+            log.debug("filling a gap on %r failed: %s", listener.channel, exc)
+            return
+        self.subscription_lost(listener, exc)
+
+    def subscription_lost(self, listener, exc) -> None:
         raise NotImplementedError
 
     def on_items(self, listener, items) -> None:
@@ -208,12 +218,7 @@ class EventStream(_Session):
         if self.started:
             self._flush()
 
-    def on_error(self, listener, exc) -> None:
-        if self.ended:
-            return
-        if not _subscription_lost(listener):
-            log.debug("filling a gap on %r failed: %s", listener.channel, exc)
-            return
+    def subscription_lost(self, listener, exc) -> None:
         # End the answer: the browser reconnects after ``retry`` and resumes.
         log.info("event stream on %r: %s; ending it", listener.channel, exc)
         self._failed = exc
@@ -466,12 +471,7 @@ class WebSocket(_Session):
             for item in items:
                 write(item.encoded(_text_frame_of_json))
 
-    def on_error(self, listener, exc) -> None:
-        if self.ended:
-            return
-        if not _subscription_lost(listener):
-            log.debug("filling a gap on %r failed: %s", listener.channel, exc)
-            return
+    def subscription_lost(self, listener, exc) -> None:
         if listener.closed or not self.multiplexed:
             # A live subscription broke (its owner went down), or a single-channel
             # socket could not subscribe: drop the connection uncleanly; Firehose

@@ -784,6 +784,7 @@ class StreamTransport(asyncio.Transport):
         self._paused = False
         self._reading = False
         self._read_paused = False
+        self._resumed = None  # resolved when reading may go on
         self._closing = False
         self.released = False
         stream.set_close_callback(self._on_close)
@@ -801,14 +802,17 @@ class StreamTransport(asyncio.Transport):
         try:
             while not self._closing and not self.released:
                 if self._read_paused:
-                    self._resume = asyncio.get_running_loop().create_future()
-                    await self._resume
+                    self._resumed = asyncio.get_running_loop().create_future()
+                    await self._resumed
                     continue
                 data = await stream.read_bytes(65536, partial=True)
                 if data:
                     self._protocol.data_received(data)
         except tornado.iostream.StreamClosedError:
             pass
+        except Exception:  # a stream must not stay open with nobody reading it
+            log.exception("reading a connection Tornado handed over failed")
+            self.abort()
 
     def pause_reading(self) -> None:
         self._read_paused = True
@@ -816,9 +820,8 @@ class StreamTransport(asyncio.Transport):
     def resume_reading(self) -> None:
         if self._read_paused:
             self._read_paused = False
-            resume = getattr(self, "_resume", None)
-            if resume is not None and not resume.done():
-                resume.set_result(None)
+            if self._resumed is not None and not self._resumed.done():
+                self._resumed.set_result(None)
 
     def is_reading(self) -> bool:
         return self._reading and not self._read_paused

@@ -4,6 +4,7 @@
     python bench/floor.py tornado --port 8097 --pidfile /tmp/floor.pid
     python bench/floor.py asyncio --port 8097 --pidfile /tmp/floor.pid
     python bench/floor.py zmq --port 8097 --pidfile /tmp/floor.pid [--uvloop]
+    python bench/floor.py zmq-batch --port 8097 --pidfile /tmp/floor.pid [--uvloop]
 
 Every request is answered at once: ``PUT`` with ``202`` and an empty body, anything
 else with ``204``. ``tornado`` answers through Tornado's ``HTTPServer`` and a bare
@@ -18,6 +19,10 @@ every ``PUT`` goes as one msgpack request over a DEALER to a child process
 answered when the reply is back. No storage, no validation, no fan-out: one
 HTTP request and one ZeroMQ round trip between two processes. lpbench counts the
 child's CPU too (it is a descendant of the pid in the pidfile).
+
+``zmq-batch`` is ``zmq`` with the link used as firehose-zmq uses it now: a loop
+turn's requests go as one ZeroMQ message (a msgpack array of requests), and the
+child answers everything one read gave it as one message too.
 
 The process stops by itself after ``--lifetime`` seconds.
 """
@@ -107,7 +112,8 @@ class _ZmqHop(_RawHTTP):
 class _Hop:
     """The DEALER to the echo process and the transports waiting for its replies."""
 
-    def __init__(self, loop, endpoint: str):
+    def __init__(self, loop, endpoint: str, batch: bool = False):
+        self._batch = batch
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.connect(endpoint)
         self._ids = itertools.count()
@@ -121,28 +127,38 @@ class _Hop:
         self._waiting[request_id] = transport
         if not self._outgoing:
             self._loop.call_soon(self._send)
-        self._outgoing.append(msgpack.packb({"id": request_id, "op": "publish",
-                                             "channel": channel, "data": data}))
+        self._outgoing.append({"id": request_id, "op": "publish", "channel": channel,
+                               "data": data})
 
     def _send(self) -> None:
         """A loop turn's requests go together, as the edge's backend sends them: ZeroMQ's
         I/O thread is woken once for them."""
         outgoing, self._outgoing = self._outgoing, []
-        for body in outgoing:
-            self._sock.send(body, zmq.NOBLOCK)
+        if self._batch:
+            self._sock.send(msgpack.packb(outgoing), zmq.NOBLOCK)
+        else:
+            for request in outgoing:
+                self._sock.send(msgpack.packb(request), zmq.NOBLOCK)
         self._drain()  # a send may take the FD's edge
 
     def _drain(self) -> None:
         while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            reply = msgpack.unpackb(self._sock.recv(zmq.NOBLOCK))
-            transport = self._waiting.pop(reply["id"])
-            transport.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n"
-                            b"X-Firehose-Sequence: %d\r\n\r\n" % reply["seq"])
+            replies = msgpack.unpackb(self._sock.recv(zmq.NOBLOCK))
+            for reply in replies if self._batch else (replies,):
+                transport = self._waiting.pop(reply["id"])
+                transport.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n"
+                                b"X-Firehose-Sequence: %d\r\n\r\n" % reply["seq"])
 
 
-def echo() -> int:
+def _number(sequences: dict, request: dict) -> dict:
+    seq = sequences[request["channel"]] = sequences.get(request["channel"], 0) + 1
+    return {"id": request["id"], "ok": True, "seq": seq}
+
+
+def echo(batch: bool) -> int:
     """The child of ``zmq``: a ROUTER that numbers each channel's publishes. It ends
-    when its parent does."""
+    when its parent does. With ``batch`` it reads every request waiting and answers
+    each peer's in one message."""
     parent = os.getppid()
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
@@ -151,11 +167,17 @@ def echo() -> int:
     while os.getppid() == parent:
         if not sock.poll(500):
             continue
-        peer, body = sock.recv_multipart()
-        request = msgpack.unpackb(body)
-        seq = sequences[request["channel"]] = sequences.get(request["channel"], 0) + 1
-        sock.send_multipart([peer, msgpack.packb({"id": request["id"], "ok": True,
-                                                  "seq": seq})])
+        if not batch:
+            peer, body = sock.recv_multipart()
+            sock.send_multipart([peer, msgpack.packb(_number(sequences, msgpack.unpackb(body)))])
+            continue
+        replies: dict = {}
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            peer, body = sock.recv_multipart(zmq.NOBLOCK)
+            replies.setdefault(peer, []).extend(
+                _number(sequences, request) for request in msgpack.unpackb(body))
+        for peer, answers in replies.items():
+            sock.send_multipart([peer, msgpack.packb(answers)])
     return 0
 
 
@@ -165,11 +187,12 @@ async def serve(kind: str, port: int, lifetime_s: float) -> None:
     if kind == "tornado":
         server = HTTPServer(_Delegate())
         server.listen(port, "127.0.0.1")
-    elif kind == "zmq":
-        child = subprocess.Popen([sys.executable, __file__, "echo", "--port", "0"],
-                                 stdout=subprocess.PIPE)
+    elif kind in ("zmq", "zmq-batch"):
+        batch = kind == "zmq-batch"
+        child = subprocess.Popen([sys.executable, __file__, "echo-batch" if batch else "echo",
+                                  "--port", "0"], stdout=subprocess.PIPE)
         echo_port = int(child.stdout.readline())
-        _ZmqHop.hop = _Hop(loop, f"tcp://127.0.0.1:{echo_port}")
+        _ZmqHop.hop = _Hop(loop, f"tcp://127.0.0.1:{echo_port}", batch)
         server = await loop.create_server(_ZmqHop, "127.0.0.1", port)
     else:
         server = await loop.create_server(_RawHTTP, "127.0.0.1", port)
@@ -184,14 +207,15 @@ async def serve(kind: str, port: int, lifetime_s: float) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["tornado", "asyncio", "zmq", "echo"])
+    parser.add_argument("kind", choices=["tornado", "asyncio", "zmq", "zmq-batch", "echo",
+                                           "echo-batch"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--pidfile", help="write this process's pid here")
     parser.add_argument("--lifetime", type=float, default=120.0, help="seconds, then exit")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (as the edge does)")
     args = parser.parse_args(argv)
-    if args.kind == "echo":
-        return echo()
+    if args.kind in ("echo", "echo-batch"):
+        return echo(args.kind == "echo-batch")
     if args.pidfile:
         with open(args.pidfile, "w") as f:
             f.write(str(os.getpid()))

@@ -12,7 +12,7 @@ from .http import request
 FLOOR = Path(__file__).resolve().parent.parent / "bench" / "floor.py"
 
 
-@pytest.mark.parametrize("kind", ["tornado", "asyncio", "zmq"])
+@pytest.mark.parametrize("kind", ["tornado", "asyncio", "zmq", "zmq-batch"])
 def test_floor_server_answers_put_and_get(kind):
     port = free_port()
     server = subprocess.Popen([sys.executable, str(FLOOR), kind, "--port", str(port),

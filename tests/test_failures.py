@@ -49,7 +49,6 @@ def test_worker_rejects_malformed_frames_and_keeps_serving(cluster):
     try:
         bad_bodies = [
             b"\xc1not msgpack",
-            msgpack.packb([1, 2, 3]),
             msgpack.packb({"v": 99, "id": 1, "op": "ping"}),
             msgpack.packb({"v": 1, "id": 2, "op": "launch"}),
             msgpack.packb({"v": 1, "id": 3, "op": "publish", "channel": "no-slash", "data": b""}),
@@ -61,6 +60,12 @@ def test_worker_rejects_malformed_frames_and_keeps_serving(cluster):
             assert reply["ok"] is False
             assert reply["error"] in ("bad_request", "unsupported_version", "not_owner")
             assert reply["reason"]
+        # A batch of things that are not requests: each gets its own error, together.
+        dealer.send(msgpack.packb([1, [2], {"v": 1, "id": 5, "op": "ping"}]))
+        replies = msgpack.unpackb(dealer.recv(), raw=False)
+        assert [(r["ok"], r.get("error")) for r in replies] == [
+            (False, "bad_request"), (False, "bad_request"), (True, None)]
+        assert replies[2]["id"] == 5
         dealer.send(msgpack.packb({"v": 1, "id": "ok", "op": "ping"}))
         assert msgpack.unpackb(dealer.recv(), raw=False)["ok"] is True
     finally:

@@ -439,28 +439,40 @@ class Backend:
             self._loop.call_soon(self._send_outgoing)
 
     def _send_outgoing(self) -> None:
+        """Send each link's requests of this loop turn as one message (a batch,
+        ``frames.encode_batch``; more than one only past MAX_BATCH requests or a
+        message's bytes): one recv and one wake-up at each end instead of one a
+        request."""
         self._send_scheduled = False
         for link in self._links.values():
             if not link.outgoing:
                 continue
             outgoing, link.outgoing = link.outgoing, []
-            dealer = link.dealer
-            for request_id, body in outgoing:
-                entry = link.pending.get(request_id)
-                if entry is None:
-                    continue  # failed meanwhile (the worker went down, the edge is closing)
-                failure = "is not connected"
-                if not dealer.closed:
+            pending = link.pending
+            # Those failed meanwhile (the worker went down, the edge is closing) stay.
+            waiting = [(request_id, body) for request_id, body in outgoing
+                       if request_id in pending]
+            bodies = [body for _, body in waiting]
+            sent = 0
+            for batch in frames.batches(bodies, self._max_bytes):
+                failure = None
+                if link.dealer.closed:
+                    failure = "is not connected"
+                else:
                     try:
-                        send(dealer, body, NOBLOCK)
-                        continue
+                        send(link.dealer, batch[0] if len(batch) == 1
+                             else frames.encode_batch(batch), NOBLOCK)
                     except zmq.Again:
-                        pass
-                    except zmq.ZMQError as exc:  # any other: fail this request, send the rest
+                        failure = "is not connected"
+                    except zmq.ZMQError as exc:  # any other: fail this batch, send the rest
                         failure = f"could not be sent to: {exc}"
-                del link.pending[request_id]
-                if not entry.future.done():
-                    entry.future.set_exception(WorkerUnavailable(f"worker {link.id} {failure}"))
+                if failure is not None:
+                    for request_id, _ in waiting[sent:sent + len(batch)]:
+                        entry = pending.pop(request_id, None)
+                        if entry is not None and not entry.future.done():
+                            entry.future.set_exception(
+                                WorkerUnavailable(f"worker {link.id} {failure}"))
+                sent += len(batch)
             link.reader.soon()
 
     def pending_publishes(self) -> list:
@@ -492,11 +504,18 @@ class Backend:
         try:
             if len(parts) != 1:
                 raise frames.ProtocolError(f"reply of {len(parts)} parts")
-            reply = frames.decode_reply(parts[0], self._max_bytes)
+            replies = frames.decode_replies(parts[0], self._max_bytes)
         except frames.ProtocolError as exc:
             self._reject(f"from worker {link.id}: {exc}")
             return
         link.last_reply = time.monotonic()
+        for reply in replies:
+            if isinstance(reply, frames.ProtocolError):
+                self._reject(f"from worker {link.id}, in a batch: {reply}")
+            else:
+                self._take_reply(link, reply)
+
+    def _take_reply(self, link, reply: dict) -> None:
         entry = link.pending.pop(reply["id"], None)
         if entry is None:
             log.debug("late reply %r from worker %s dropped", reply["id"], link.id)

@@ -60,6 +60,15 @@ owner's store committed in it, or an empty one every fifth of the lease::
         ["r", name, epoch, seq, expires_at|nil, [[seq, data], ...],
               [[publish_id, seq, epoch, at], ...]]             a channel's state
 
+Batches: instead of one request's map, a body may be a msgpack array of at most
+``MAX_BATCH`` request maps (each as above): what one loop turn of the edge has
+for one worker travels as one ZeroMQ message. Each request in it is handled and
+answered on its own (a bad one gets its own error reply, the others are served).
+A peer that sends a batch takes batched replies: the worker answers what one of
+its loop turns has for that peer as one message whose body is an array of reply
+maps (at most ``MAX_BATCH``, and no more bytes than one message's limit). A peer
+that never sends a batch gets one reply per message.
+
 Replies: the same envelope, then one msgpack map::
 
     {"v": 1, "id": <echoed>, "ok": true, ...}
@@ -119,6 +128,7 @@ RING_MISMATCH = "ring_mismatch"  # a handoff_take from a worker on another ring 
 FENCED = "fenced"            # replicate: the replica serves the owner's channels now
 RESYNC = "resync"            # replicate: out of order or unknown stream; send a snapshot
 
+MAX_BATCH = 1024          # requests or replies one batch body may carry
 MAX_HANDOFF_NAMES = 10000  # channel names one handoff_take may carry in each list
 MAX_REPLICA_OPS = 100000   # operations one replicate may carry
 
@@ -293,7 +303,11 @@ def encode_request(request: dict) -> bytes:
 
 def decode_request(frame: bytes, max_bytes: int) -> dict:
     """Check a request body field by field; raises ProtocolError."""
-    request = _unpack(frame, max_bytes)
+    return check_request(_unpack(frame, max_bytes))
+
+
+def check_request(request) -> dict:
+    """Check an unpacked request field by field; raises ProtocolError."""
     if not isinstance(request, dict):
         raise ProtocolError("body must be a msgpack map")
     request_id = request.get("id")
@@ -320,6 +334,63 @@ def decode_request(frame: bytes, max_bytes: int) -> dict:
     return request
 
 
+# The first byte of a msgpack array: fixarray, array 16, array 32.
+_ARRAY_FIRST_BYTES = frozenset(range(0x90, 0xa0)) | {0xdc, 0xdd}
+
+
+def is_batch(frame) -> bool:
+    """True when a request or reply body is a batch (a msgpack array)."""
+    return len(frame) > 0 and frame[0] in _ARRAY_FIRST_BYTES
+
+
+def encode_batch(bodies: list) -> bytes:
+    """One body carrying several encoded request or reply bodies (at most MAX_BATCH):
+    a msgpack array header, then the bodies as they are."""
+    count = len(bodies)
+    if count < 16:
+        header = bytes((0x90 | count,))
+    else:
+        header = b"\xdc" + count.to_bytes(2, "big")
+    return header + b"".join(bodies)
+
+
+def batches(bodies: list, max_bytes: int):
+    """``bodies`` cut into lists of at most MAX_BATCH bodies and, unless one body
+    alone is larger, at most ``max_bytes`` bytes, in order."""
+    batch: list = []
+    size = 0
+    for body in bodies:
+        if batch and (len(batch) == MAX_BATCH or size + len(body) > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(body)
+        size += len(body)
+    if batch:
+        yield batch
+
+
+def _unpack_batch(frame, max_bytes: int) -> list:
+    items = _unpack(frame, max_bytes)
+    if not isinstance(items, list):
+        raise ProtocolError("a batch must be a msgpack array")
+    if not 0 < len(items) <= MAX_BATCH:
+        raise ProtocolError(f"a batch of {len(items)} bodies (1 to {MAX_BATCH} are allowed)")
+    return items
+
+
+def decode_request_batch(frame, max_bytes: int) -> list:
+    """The requests of a batch body, each a checked request map or, for one that
+    is not, the ProtocolError to answer it with; raises ProtocolError when the
+    body is not a batch at all."""
+    requests = []
+    for item in _unpack_batch(frame, max_bytes):
+        try:
+            requests.append(check_request(item))
+        except ProtocolError as exc:
+            requests.append(exc)
+    return requests
+
+
 def encode_reply(request_id, **fields) -> bytes:
     """A successful reply body."""
     return _pack({"v": VERSION, "id": request_id, "ok": True, **fields})
@@ -341,7 +412,26 @@ def encode_error(request_id, code: str, reason: str, ring_version: str, owner=No
 
 def decode_reply(frame: bytes, max_bytes: int) -> dict:
     """Check a reply body; raises ProtocolError."""
-    reply = _unpack(frame, max_bytes)
+    return check_reply(_unpack(frame, max_bytes))
+
+
+def decode_replies(frame, max_bytes: int) -> list:
+    """The replies of a reply body, single or batched: each a checked reply map or,
+    in a batch, the ProtocolError of one that is not; raises ProtocolError when
+    the body as a whole is refused."""
+    if not is_batch(frame):
+        return [decode_reply(frame, max_bytes)]
+    replies = []
+    for item in _unpack_batch(frame, max_bytes):
+        try:
+            replies.append(check_reply(item))
+        except ProtocolError as exc:
+            replies.append(exc)
+    return replies
+
+
+def check_reply(reply) -> dict:
+    """Check an unpacked reply; raises ProtocolError."""
     if not isinstance(reply, dict) or "id" not in reply or not _is_bool(reply.get("ok")):
         raise ProtocolError("reply must be a map with 'id' and boolean 'ok'")
     request_id = reply["id"]

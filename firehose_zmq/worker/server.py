@@ -4,6 +4,8 @@ Links (both sockets bind; edges and native clients connect)::
 
     ROUTER router_bind   <- [envelope..., request]   (edges' DEALERs, native DEALERs)
                          -> [envelope..., reply]
+                            (a request body may be a batch; a peer that sends
+                            batches gets a turn's replies to it as one batch)
     XPUB   pub_bind      -> [channel + b"\\x00", message]   one per publish
                          <- [b"\\x01" + topic] / [b"\\x00" + topic]   (subscriptions)
 
@@ -93,6 +95,9 @@ _EXPIRE_EVERY_S = 1.0
 _MAX_PUBLISH_IDS = 1_000_000
 _STOP_TIMEOUT_S = 10.0
 _MAX_VALID_NAMES = 65536
+# Peers (DEALER identities) remembered as sending batches; past this many (peers
+# that came and went), forgotten, and answered singly until they batch again.
+_MAX_BATCH_PEERS = 4096
 _PER_MESSAGE_OVERHEAD_BYTES = 16  # msgpack framing of one [seq, data] pair, rounded up
 
 
@@ -142,6 +147,7 @@ class Worker:
         self._ops: list = []         # store operations of the current loop turn
         self._outbox: deque = deque()  # (ticket, socket, frames) waiting for a commit
         self._ready: list = []       # (socket, frames) to send at the end of this loop turn
+        self._batch_peers: set = set()  # identities that send batches: batched replies
         self._valid_names: set = set()  # channel names that passed validation lately
         self._reply_reveals_state = True  # set per request by _dispatch
         self._publish_ids = PublishIds(self.storage.publish_id_window_s, _MAX_PUBLISH_IDS,
@@ -484,8 +490,7 @@ class Worker:
         all of it instead of once per message."""
         if self._ready:
             ready, self._ready = self._ready, []
-            for sock, parts in ready:
-                send_frames(sock, parts)
+            self._send_all(ready)
 
     def _flush_outbox(self) -> None:
         committed = self._writer.committed() if self._writer is not None else 0
@@ -493,6 +498,7 @@ class Worker:
             self.handoff.committed(committed)
         outbox = self._outbox
         replicator = self.replicator
+        released = []
         while outbox and (self._writer is None or outbox[0][0] <= committed):
             gate = outbox[0][1]
             if gate is not None:
@@ -504,7 +510,23 @@ class Worker:
                     self.counters.unacknowledged += 1
                     continue
             _, _, sock, parts = outbox.popleft()
-            send_frames(sock, parts)
+            released.append((sock, parts))
+        self._send_all(released)
+
+    def _send_all(self, messages: list) -> None:
+        """Send ``(socket, frames)`` in order; replies to a peer that sends batches go
+        to it together, as batches (``frames.batches``)."""
+        router, peers = self._router, self._batch_peers
+        batched: dict = {}  # peer identity -> reply bodies
+        for sock, parts in messages:
+            if sock is router and len(parts) == 2 and parts[0] in peers:
+                batched.setdefault(parts[0], []).append(parts[1])
+            else:
+                send_frames(sock, parts)
+        for peer, bodies in batched.items():
+            for batch in frames.batches(bodies, self.limits.max_message_bytes):
+                send_frames(router, [peer, batch[0] if len(batch) == 1
+                                     else frames.encode_batch(batch)])
 
     def _expire(self, now: float) -> None:
         expired = self.channels.expire(now)
@@ -526,24 +548,52 @@ class Worker:
                         self.me.id, forgotten, self.storage.publish_id_window_s, ids.max_ids)
 
     def _drain_requests(self) -> bool:
-        """Handle up to a batch of queued requests; False when none was waiting."""
+        """Handle up to about ``_BATCH`` queued requests; False when none was waiting."""
         router = self._router
-        for i in range(_BATCH):
+        handled = 0
+        while handled < _BATCH:
             if not readable(router):
-                return i > 0
+                return handled > 0
             try:
                 parts = recv_frames(router)
             except zmq.Again:
-                return i > 0
+                return handled > 0
             if len(parts) < 2:
                 self._reject(f"request of {len(parts)} frame(s) has no body")
+                handled += 1
                 continue
-            self.serve(parts)
+            body = parts[-1]
+            if not frames.is_batch(body):
+                self.serve(parts)
+                handled += 1
+                continue
+            envelope = parts[:-1]
+            try:
+                requests = frames.decode_request_batch(body, self.limits.max_message_bytes)
+            except frames.ProtocolError as exc:
+                self.serve(envelope + [exc])
+                handled += 1
+                continue
+            self._note_batch_peer(envelope)
+            for request in requests:
+                self.serve(envelope + [request])
+            handled += len(requests)
         return True
 
+    def _note_batch_peer(self, envelope: list) -> None:
+        """Remember that the peer of ``envelope`` sends batches, so takes batched replies."""
+        if len(envelope) != 1:
+            return  # only a DEALER's own identity is batched to
+        peers = self._batch_peers
+        if envelope[0] not in peers:
+            if len(peers) >= _MAX_BATCH_PEERS:
+                peers.clear()  # they get single replies until they send a batch again
+            peers.add(envelope[0])
+
     def serve(self, parts) -> None:
-        """Handle one request (its envelope, then its body) and send the reply, or
-        park it while its channel is being taken from its previous owner."""
+        """Handle one request (its envelope, then its body, or a request a batch
+        carried) and send the reply, or park it while its channel is being taken
+        from its previous owner."""
         self._reply_reveals_state = True
         self._reply_channel = None
         self._parking = None
@@ -563,8 +613,8 @@ class Worker:
             self._send(self._router, parts, gate)
         else:
             # A heartbeat must not wait behind the disk, or a slow commit
-            # would get a healthy worker declared down.
-            send_frames(self._router, parts)
+            # would get a healthy worker declared down: it leaves with this turn.
+            self._ready.append((self._router, parts))
 
     def _drain_subscriptions(self) -> None:
         """Apply the subscriptions ``frames.decode_subscription`` accepts; refuse the rest.
@@ -647,12 +697,18 @@ class Worker:
         if count <= 10 or count % 1000 == 0:
             log.warning("rejected frame (%d so far): %s", count, reason)
 
-    def handle_request(self, body: bytes):
-        """One request body in, one reply body out (None: the request is parked, see
-        ``serve``); never raises."""
+    def handle_request(self, body):
+        """One request in (a body frame, or an item of ``frames.decode_request_batch``:
+        a checked request or the error to answer it with), one reply body out
+        (None: the request is parked, see ``serve``); never raises."""
         self.counters.requests += 1
         try:
-            request = frames.decode_request(body, self.limits.max_message_bytes)
+            if isinstance(body, dict):
+                request = body
+            elif isinstance(body, frames.ProtocolError):
+                raise body
+            else:
+                request = frames.decode_request(body, self.limits.max_message_bytes)
         except frames.ProtocolError as exc:
             self._reject(str(exc))
             return frames.encode_error(exc.request_id, exc.code, str(exc), self.ring.version)

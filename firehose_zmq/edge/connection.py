@@ -53,7 +53,7 @@ from .streams import EventStream, WebSocket
 log = logging.getLogger("firehose.edge")
 
 # Heads already read, with what they ask for: clients re-poll and re-publish with
-# the same head, and a channel's subscribers send identical ones.
+# the same head, and a channel's subscribers send identical ones (KnownHeads).
 _KNOWN_HEADS = 4096
 _KNOWN_HEAD_BYTES = 1024
 _SWEEP_S = 1.0
@@ -162,7 +162,7 @@ class EdgeHTTPServer(tornado.httpserver.HTTPServer):
         self.rules = edge.rules
         self.fast = fast
         self.connections: set = set()  # every Connection, fast or adopted
-        self.known_heads: dict = {}    # see Connection._start_request
+        self.known_heads = KnownHeads()
         self.adopted_streams = weakref.WeakSet()  # detached from Tornado, served by us
         self.closed_streams = weakref.WeakSet()   # counted closed already
         config = edge.config.edge
@@ -468,10 +468,7 @@ class Connection(asyncio.Protocol):
         self._extra = extra
         if len(raw) <= _KNOWN_HEAD_BYTES and not rules.checks_credentials \
                 and _cacheable(action, head):
-            remembered = self._server.known_heads
-            if len(remembered) >= _KNOWN_HEADS:
-                remembered.clear()
-            remembered[raw] = (action, extra, self._close_after)
+            self._server.known_heads.offer(raw, (action, extra, self._close_after))
         return self._run(action, head)
 
     def _skip_body(self, head) -> bool:
@@ -748,6 +745,44 @@ class Connection(asyncio.Protocol):
             self._reading_paused = False
             if not self._writing_paused:
                 self._transport.resume_reading()
+
+
+class KnownHeads:
+    """The decisions for heads read before, from a head's second sight on.
+
+    A channel's subscribers send identical heads, and so does a publisher to one
+    channel, but a long-poll's head carries its sequence: with one subscriber per
+    channel no poll head is ever read twice. Remembering every head would fill
+    the table with those and clear it every few thousand requests, taking the
+    heads that do repeat with it; a head is remembered only when it comes a
+    second time. Each table holds at most ``_KNOWN_HEADS`` heads (of at most
+    ``_KNOWN_HEAD_BYTES``) and is emptied when full.
+    """
+
+    __slots__ = ("_decisions", "_seen")
+
+    def __init__(self):
+        self._decisions: dict = {}  # head -> (action, extra headers, close after)
+        self._seen: set = set()     # heads read once
+
+    def get(self, raw: bytes):
+        return self._decisions.get(raw)
+
+    def offer(self, raw: bytes, decision) -> None:
+        seen = self._seen
+        if raw not in seen:
+            if len(seen) >= _KNOWN_HEADS:
+                seen.clear()
+            seen.add(raw)
+            return
+        seen.discard(raw)
+        decisions = self._decisions
+        if len(decisions) >= _KNOWN_HEADS:
+            decisions.clear()
+        decisions[raw] = decision
+
+    def __len__(self) -> int:
+        return len(self._decisions)
 
 
 def _cacheable(action, head) -> bool:

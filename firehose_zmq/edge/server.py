@@ -196,6 +196,7 @@ async def serve(config, stop: asyncio.Event, native: bool, reuse_port: bool,
                 fast_path: bool, reload_config=None) -> None:
     edge = Edge(config, native=native, reuse_port=reuse_port, fast_path=fast_path)
     await edge.start()
+    cli.settle()
     if reload_config is not None:
         def reload() -> None:
             try:

@@ -922,6 +922,7 @@ def main(argv=None) -> int:
         worker.close()
         return 1
     worker.log_ready()
+    cli.settle()
     ok = False
     try:
         ok = worker.run(lambda: bool(stopping))

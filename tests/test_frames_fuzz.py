@@ -77,3 +77,41 @@ def test_accepted_subscriptions_are_exact_topics(name):
         except frames.ProtocolError:
             continue
         assert subscribe and frame == b"\x01" + frames.topic(channel)
+
+
+def _items_or_refusal(decode, frame) -> None:
+    """``decode`` returns a list of maps and ProtocolErrors, or raises ProtocolError."""
+    try:
+        items = decode(frame, MAX_BYTES)
+    except frames.ProtocolError:
+        return
+    assert isinstance(items, list) and 0 < len(items) <= frames.MAX_BATCH
+    for item in items:
+        assert isinstance(item, (dict, frames.ProtocolError)), item
+        if isinstance(item, dict):
+            hash(item["id"])  # replies are looked up by it; requests echo it
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+@example(b"\x90")
+@example(b"\xdc\x00\x01\xc0")
+@example(b"\xdd\xff\xff\xff\xff")
+def test_arbitrary_bytes_as_batches(frame):
+    """Bytes of any kind, read as a request batch or as replies: items or ProtocolError."""
+    _items_or_refusal(frames.decode_request_batch, frame)
+    _items_or_refusal(frames.decode_replies, frame)
+    _items_or_refusal(frames.decode_request_batch, b"\x91" + frame)
+    _items_or_refusal(frames.decode_replies, b"\x92" + frame)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.lists(st.one_of(msgpack_values, near_maps), max_size=8), msgpack_values))
+@example([{"v": 1, "id": [1], "ok": True}, {"v": 1, "id": 1, "op": "ping"}])
+@example([{"v": 1, "id": {}, "op": "ping"}])
+def test_arbitrary_msgpack_arrays_as_batches(value):
+    """Any msgpack value, mostly arrays of near-requests and near-replies: items or
+    ProtocolError."""
+    body = msgpack.packb(value, use_bin_type=True)
+    _items_or_refusal(frames.decode_request_batch, body)
+    _items_or_refusal(frames.decode_replies, body)

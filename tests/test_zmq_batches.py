@@ -11,7 +11,6 @@ import json
 import time
 
 import msgpack
-import pytest
 import zmq
 
 from firehose_zmq.wire import frames
@@ -118,9 +117,6 @@ def test_a_peer_that_never_batches_gets_one_map_per_message(cluster, ctx):
     assert sorted(seqs) == list(range(1, 151))
 
 
-@pytest.mark.xfail(strict=True, reason="the worker remembers batching peers by routing id "
-                   "and never forgets one that disconnected: a new peer with the same "
-                   "explicit ZMQ_ROUTING_ID gets arrays though it never batched")
 def test_a_new_peer_reusing_a_batching_peers_routing_id_gets_maps(cluster, ctx):
     """A DEALER with an explicit routing id batches and goes away; a new one with the
     same id that never batches gets one map per reply."""

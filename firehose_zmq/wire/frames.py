@@ -64,10 +64,10 @@ Batches: instead of one request's map, a body may be a msgpack array of at most
 ``MAX_BATCH`` request maps (each as above): what one loop turn of the edge has
 for one worker travels as one ZeroMQ message. Each request in it is handled and
 answered on its own (a bad one gets its own error reply, the others are served).
-A peer that sends a batch takes batched replies: the worker answers what one of
-its loop turns has for that peer as one message whose body is an array of reply
-maps (at most ``MAX_BATCH``, and no more bytes than one message's limit). A peer
-that never sends a batch gets one reply per message.
+The replies to a batch's requests are batched too: what one turn of the worker
+has of them for a peer leaves as one message whose body is an array of reply
+maps (at most ``MAX_BATCH``, and no more bytes than one message's limit); a
+request sent on its own is answered on its own.
 
 Replies: the same envelope, then one msgpack map::
 

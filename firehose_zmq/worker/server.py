@@ -95,9 +95,9 @@ _EXPIRE_EVERY_S = 1.0
 _MAX_PUBLISH_IDS = 1_000_000
 _STOP_TIMEOUT_S = 10.0
 _MAX_VALID_NAMES = 65536
-# Peers (DEALER identities) remembered as sending batches; past this many (peers
-# that came and went), forgotten, and answered singly until they batch again.
-_MAX_BATCH_PEERS = 4096
+# Where a reply to a request that came in a batch is queued, in place of the ROUTER:
+# such replies leave together, as batches, one or more per peer and loop turn.
+_BATCHED = object()
 _PER_MESSAGE_OVERHEAD_BYTES = 16  # msgpack framing of one [seq, data] pair, rounded up
 
 
@@ -147,7 +147,6 @@ class Worker:
         self._ops: list = []         # store operations of the current loop turn
         self._outbox: deque = deque()  # (ticket, socket, frames) waiting for a commit
         self._ready: list = []       # (socket, frames) to send at the end of this loop turn
-        self._batch_peers: set = set()  # identities that send batches: batched replies
         self._valid_names: set = set()  # channel names that passed validation lately
         self._reply_reveals_state = True  # set per request by _dispatch
         self._publish_ids = PublishIds(self.storage.publish_id_window_s, _MAX_PUBLISH_IDS,
@@ -514,18 +513,18 @@ class Worker:
         self._send_all(released)
 
     def _send_all(self, messages: list) -> None:
-        """Send ``(socket, frames)`` in order; replies to a peer that sends batches go
-        to it together, as batches (``frames.batches``)."""
-        router, peers = self._router, self._batch_peers
-        batched: dict = {}  # peer identity -> reply bodies
+        """Send ``(socket, frames)`` in order; replies to requests that came in batches
+        go to each peer together, as batches (``frames.batches``)."""
+        batched: dict = {}  # envelope -> reply bodies
         for sock, parts in messages:
-            if sock is router and len(parts) == 2 and parts[0] in peers:
-                batched.setdefault(parts[0], []).append(parts[1])
+            if sock is _BATCHED:
+                batched.setdefault(tuple(parts[:-1]), []).append(parts[-1])
             else:
                 send_frames(sock, parts)
-        for peer, bodies in batched.items():
+        router = self._router
+        for envelope, bodies in batched.items():
             for batch in frames.batches(bodies, self.limits.max_message_bytes):
-                send_frames(router, [peer, batch[0] if len(batch) == 1
+                send_frames(router, [*envelope, batch[0] if len(batch) == 1
                                      else frames.encode_batch(batch)])
 
     def _expire(self, now: float) -> None:
@@ -574,21 +573,10 @@ class Worker:
                 self.serve(envelope + [exc])
                 handled += 1
                 continue
-            self._note_batch_peer(envelope)
             for request in requests:
                 self.serve(envelope + [request])
             handled += len(requests)
         return True
-
-    def _note_batch_peer(self, envelope: list) -> None:
-        """Remember that the peer of ``envelope`` sends batches, so takes batched replies."""
-        if len(envelope) != 1:
-            return  # only a DEALER's own identity is batched to
-        peers = self._batch_peers
-        if envelope[0] not in peers:
-            if len(peers) >= _MAX_BATCH_PEERS:
-                peers.clear()  # they get single replies until they send a batch again
-            peers.add(envelope[0])
 
     def serve(self, parts) -> None:
         """Handle one request (its envelope, then its body, or a request a batch
@@ -605,16 +593,19 @@ class Worker:
             name, request_id = self._parking
             self.handoff.park(name, parts, request_id)
             return
+        # A request a batch carried was decoded already (a map, or the error to
+        # answer it with); its reply goes back in a batch too.
+        to = self._router if isinstance(parts[-1], bytes) else _BATCHED
         parts[-1] = reply  # the envelope, then the reply
         if self._reply_reveals_state:
             gate = None
             if self._reply_channel is not None and self.replicator is not None:
                 gate = self.replicator.gate(self._reply_channel)
-            self._send(self._router, parts, gate)
+            self._send(to, parts, gate)
         else:
             # A heartbeat must not wait behind the disk, or a slow commit
             # would get a healthy worker declared down: it leaves with this turn.
-            self._ready.append((self._router, parts))
+            self._ready.append((to, parts))
 
     def _drain_subscriptions(self) -> None:
         """Apply the subscriptions ``frames.decode_subscription`` accepts; refuse the rest.

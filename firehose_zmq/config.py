@@ -103,7 +103,7 @@ class StorageConfig:
     when a worker holds over a million) to answer a retry: an edge's own, which
     comes before its request timeout, so it must be at least twice ``[edge]
     request_timeout_s``, or a native client's (docs/native-zeromq.md).
-    ``commit_window_ms`` (``sync`` only): how long the store writer lets publishes
+    ``commit_window_ms`` (``sync`` only): how long the worker lets publishes
     gather before a commit; each waits up to that much longer for its 202, and
     fewer commits carry them (0, the default, commits as soon as one waits).
     ``replicas``: how many workers after a channel's owner on the ring keep a copy

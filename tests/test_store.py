@@ -7,7 +7,7 @@ import zmq
 
 from firehose_zmq.worker.channel import ChannelTable
 from firehose_zmq.worker.store import (DeleteOp, EpochOp, PruneOp, PublishOp, Store, StoreError,
-                                StoreWriter)
+                                LoopCommitter, StoreWriter)
 
 
 def pub(name, seq, data=b"x", epoch=7, buffer_size=100, expires_at=None, publish_id=None, at=0.0):
@@ -192,6 +192,56 @@ def test_stop_ends_the_commit_window_and_commits_what_waits(path):
         assert [c.seq for c in snapshot.channels] == [2] and snapshot.clean is True
     finally:
         context.term()
+
+
+def test_loop_committer_commits_what_a_turn_submitted_when_due(path):
+    """sync's committer: batches wait until commit_due (the loop calls it each turn);
+    then they are committed together and the newest ticket is reported."""
+    committer = LoopCommitter(Store(path))
+    assert committer.due_in(time.monotonic()) is None
+    tickets = [committer.submit([pub("/a", seq)]) for seq in range(1, 4)]
+    assert tickets == [1, 2, 3] and committer.unflushed_ops == 3
+    assert committer.committed() == 0
+    now = time.monotonic()
+    assert committer.due_in(now) == 0.0
+    assert committer.commit_due(now) is True
+    assert committer.committed() == 3 and committer.commits == 1
+    assert committer.unflushed_ops == 0 and committer.due_in(now) is None
+    assert committer.commit_due(now) is False  # nothing waits
+    assert committer.stop(5.0) is True
+    snapshot = reopen(path)[1]
+    assert [c.seq for c in snapshot.channels] == [3] and snapshot.clean is True
+
+
+def test_loop_committer_window_holds_batches_until_it_ends(path):
+    """With a commit window the first batch waits that long; batches within it share
+    the commit. Times are passed in, so nothing sleeps."""
+    committer = LoopCommitter(Store(path), window_s=0.5)
+    committer.submit([pub("/a", 1)])
+    started = time.monotonic()
+    assert 0.4 < committer.due_in(started) <= 0.5
+    committer.submit([pub("/a", 2)])
+    assert committer.commit_due(started) is False
+    assert committer.committed() == 0
+    assert committer.commit_due(started + 0.5) is True
+    assert committer.committed() == 2 and committer.commits == 1
+    assert committer.stop(5.0) is True
+
+
+def test_loop_committer_stop_commits_what_waits_and_a_failure_is_reported(tmp_path):
+    waiting = LoopCommitter(Store(str(tmp_path / "a.sqlite3")), window_s=60.0)
+    waiting.submit([pub("/a", 1)])
+    assert waiting.stop(5.0) is True and waiting.commits == 1
+    assert waiting.stop(5.0) is True  # the same answer again
+    assert [c.seq for c in reopen(str(tmp_path / "a.sqlite3"))[1].channels] == [1]
+
+    failing = LoopCommitter(Store(str(tmp_path / "b.sqlite3")))
+    failing.submit(["not an op"])
+    with pytest.raises(StoreError):
+        failing.commit_due(time.monotonic())
+    with pytest.raises(StoreError):
+        failing.committed()
+    assert failing.stop(5.0) is False
 
 
 def test_a_batch_leaves_what_one_commit_per_publish_leaves(tmp_path):

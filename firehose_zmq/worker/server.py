@@ -84,7 +84,7 @@ from ..config import DURABILITY_MODES, ConfigError, check_storage, load_config_w
 from ..wire.names import InvalidName, check_channel
 from ..ring import Ring
 from .store import (DeleteOp, EpochOp, PruneOp, PublishOp, RestoreOp, Store, StoreError,
-                    StoreWriter)
+                    LoopCommitter, StoreWriter)
 from ..zmqraw import NOBLOCK, readable, recv, recv_frames, send_frames
 
 log = logging.getLogger("firehose.worker")
@@ -142,7 +142,7 @@ class Worker:
         self._poller = zmq.Poller()
         self._router = None
         self._xpub = None
-        self._writer = None          # StoreWriter unless durability is "memory"
+        self._writer = None          # LoopCommitter (sync), StoreWriter (async), None (memory)
         self._gated = False          # sync mode: hold output until committed
         self._ops: list = []         # store operations of the current loop turn
         self._outbox: deque = deque()  # (ticket, socket, frames) waiting for a commit
@@ -206,9 +206,10 @@ class Worker:
         except BaseException:
             store.close(clean=False)
             raise
-        gather_ms = (storage.flush_interval_ms if storage.durability == "async"
-                     else storage.commit_window_ms)
-        self._writer = StoreWriter(store, self._context, gather_ms / 1000.0)
+        if storage.durability == "sync":
+            self._writer = LoopCommitter(store, storage.commit_window_ms / 1000.0)
+        else:
+            self._writer = StoreWriter(store, self._context, storage.flush_interval_ms / 1000.0)
         self._gated = storage.durability == "sync"
         self._writer.start()
         log.info("worker %s loaded %d channels (%d messages, %d publish ids, %d expired) from "
@@ -423,6 +424,8 @@ class Worker:
                         replica.tick(now)
                     next_expiry = now + _EXPIRE_EVERY_S
                 self._submit()
+                if self._writer is not None and self._writer.commit_due(time.monotonic()):
+                    self._flush_outbox()
                 if replicator is not None:
                     replicator.tick(time.monotonic())
                     replica.flush()
@@ -569,8 +572,8 @@ class Worker:
             envelope = parts[:-1]
             try:
                 requests = frames.decode_request_batch(body, self.limits.max_message_bytes)
-            except frames.ProtocolError as exc:
-                self.serve(envelope + [exc])
+            except frames.ProtocolError as exc:  # refused whole: one reply, on its own
+                self._ready.append((router, envelope + [self.handle_request(exc)]))
                 handled += 1
                 continue
             for request in requests:
@@ -665,11 +668,17 @@ class Worker:
             self._resent_at = {name: at for name, at in self._resent_at.items() if at > horizon}
 
     def _poll_ms(self) -> int:
-        """How long the loop may wait for a socket: until the next deferred re-send."""
-        if not self._resend_due:
-            return _POLL_MS
-        wait_s = min(self._resend_due.values()) - time.monotonic()
-        return max(0, min(_POLL_MS, math.ceil(wait_s * 1000)))
+        """How long the loop may wait for a socket: until the next deferred re-send, or
+        until the store's commit window ends."""
+        now = time.monotonic()
+        waits = [_POLL_MS / 1000.0]
+        if self._resend_due:
+            waits.append(min(self._resend_due.values()) - now)
+        if self._writer is not None:
+            due = self._writer.due_in(now)
+            if due is not None:
+                waits.append(due)
+        return max(0, math.ceil(min(waits) * 1000))
 
     def _publish_frames(self, channel, message, now: float) -> None:
         ttl = None

@@ -382,13 +382,18 @@ def decode_request_batch(frame, max_bytes: int) -> list:
     """The requests of a batch body, each a checked request map or, for one that
     is not, the ProtocolError to answer it with; raises ProtocolError when the
     body is not a batch at all."""
-    requests = []
+    return _checked_batch(frame, max_bytes, check_request)
+
+
+def _checked_batch(frame, max_bytes: int, check) -> list:
+    """Each item of a batch body as ``check`` returns it, or the ProtocolError it raised."""
+    checked = []
     for item in _unpack_batch(frame, max_bytes):
         try:
-            requests.append(check_request(item))
+            checked.append(check(item))
         except ProtocolError as exc:
-            requests.append(exc)
-    return requests
+            checked.append(exc)
+    return checked
 
 
 def encode_reply(request_id, **fields) -> bytes:
@@ -421,13 +426,7 @@ def decode_replies(frame, max_bytes: int) -> list:
     the body as a whole is refused."""
     if not is_batch(frame):
         return [decode_reply(frame, max_bytes)]
-    replies = []
-    for item in _unpack_batch(frame, max_bytes):
-        try:
-            replies.append(check_reply(item))
-        except ProtocolError as exc:
-            replies.append(exc)
-    return replies
+    return _checked_batch(frame, max_bytes, check_reply)
 
 
 def check_reply(reply) -> dict:

@@ -376,7 +376,20 @@ class Store:
 
 
 
-class LoopCommitter:
+class _Tickets:
+    """Each submitted batch's ticket (1, 2, 3, ...): ``last_ticket`` is the newest
+    submitted (0 before the first), ``committed_ticket`` the newest committed."""
+
+    @property
+    def last_ticket(self) -> int:
+        return self._last_ticket
+
+    @property
+    def committed_ticket(self) -> int:
+        return self._committed
+
+
+class LoopCommitter(_Tickets):
     """``sync`` durability: commits the loop's batches on the loop thread; see the
     module docstring. The interface of ``StoreWriter``, and ``due_in`` and
     ``commit_due`` for the loop to call after each ``submit``.
@@ -406,14 +419,6 @@ class LoopCommitter:
 
     def start(self) -> None:
         pass
-
-    @property
-    def last_ticket(self) -> int:
-        return self._last_ticket
-
-    @property
-    def committed_ticket(self) -> int:
-        return self._committed
 
     def submit(self, ops: list) -> int:
         """Queue a batch for the next commit; returns its ticket."""
@@ -480,7 +485,7 @@ class LoopCommitter:
         return not self.failed and self._committed == self._last_ticket
 
 
-class StoreWriter:
+class StoreWriter(_Tickets):
     """Commits the loop's batches on a thread of its own; see the module docstring.
 
     ``submit``, ``committed`` and ``stop`` are called from the loop thread only;
@@ -514,15 +519,6 @@ class StoreWriter:
 
     def start(self) -> None:
         self._thread.start()
-
-    @property
-    def last_ticket(self) -> int:
-        """The ticket of the newest submitted batch (0 before the first)."""
-        return self._last_ticket
-
-    @property
-    def committed_ticket(self) -> int:
-        return self._committed
 
     def submit(self, ops: list) -> int:
         """Queue a batch for the next commit; returns its ticket."""

@@ -41,6 +41,8 @@ def test_arbitrary_bytes(frame):
     _decodes_or_refuses(frames.decode_reply, frame, MAX_BYTES)
     _decodes_or_refuses(frames.decode_message, [frame, frame], MAX_BYTES)
     _decodes_or_refuses(frames.decode_message, [b"/a\x00", frame], MAX_BYTES)
+    _decodes_or_refuses(frames.decode_messages, [b"/a\x00", frame], MAX_BYTES)
+    _decodes_or_refuses(frames.split_messages, [b"/a\x00", frame], MAX_BYTES)
     _decodes_or_refuses(frames.decode_subscription, frame)
 
 
@@ -52,6 +54,8 @@ def test_arbitrary_msgpack_values(value):
     body = msgpack.packb(value, use_bin_type=True)
     _decodes_or_refuses(frames.decode_request, body, MAX_BYTES)
     _decodes_or_refuses(frames.decode_message, [b"/a\x00", body], MAX_BYTES)
+    _decodes_or_refuses(frames.decode_messages, [b"/a\x00", body], MAX_BYTES)
+    _decodes_or_refuses(frames.split_messages, [b"/a\x00", body], MAX_BYTES)
     try:
         reply = frames.decode_reply(body, MAX_BYTES)
     except frames.ProtocolError:
@@ -64,6 +68,7 @@ def test_arbitrary_msgpack_values(value):
 def test_arbitrary_message_frame_counts(parts):
     """A message of any number of frames: decoded or refused."""
     _decodes_or_refuses(frames.decode_message, parts, MAX_BYTES)
+    _decodes_or_refuses(frames.decode_messages, parts, MAX_BYTES)
 
 
 @settings(max_examples=200, deadline=None)

@@ -226,3 +226,65 @@ def test_2000_concurrent_http_publishes_get_consecutive_sequences(cluster, run):
         assert all(s == sorted(s) for s in mine.values())
     assert sorted(seqs) == sorted(channels)
     assert all(sorted(s) == list(range(1, 101)) for s in seqs.values())
+
+
+def subscriber(ctx, endpoint: str, channel: str):
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    sock.setsockopt(zmq.SUBSCRIBE, frames.topic(channel))
+    return sock
+
+
+def wait_for_resend(sub, dealer, channel: str) -> int:
+    """Until the subscription is live: the worker re-sends a channel's newest message
+    when one lands; published again while it travels (bounded). Returns how many
+    publishes that took (their replies are the caller's to read)."""
+    deadline = time.monotonic() + REPLY_WAIT_S
+    sent = 0
+    while not sub.poll(100):
+        assert time.monotonic() < deadline, "the subscription never landed"
+        dealer.send(publish(f"warm-{sent}", channel, b"warm"))
+        sent += 1
+    return sent
+
+
+def test_a_channels_messages_of_one_turn_leave_the_worker_as_one_message(cluster, ctx):
+    """A batch of 50 publishes to one channel: a SUB on the worker's XPUB gets them in
+    arrays (each in order, once); a native subscriber on the edge gets one message per
+    frame pair, as docs/native-zeromq.md promises."""
+    channel = channel_on("w1", cluster.worker_ids, "/batch-messages")
+    dealer = dealer_to(ctx, cluster, "w1")
+    direct = subscriber(ctx, cluster.endpoints["w1"][1], channel)
+    native = subscriber(ctx, cluster.native_pub, channel)
+    try:
+        dealer.send(publish("first", channel, b"warm"))
+        warm = 1 + wait_for_resend(direct, dealer, channel) + wait_for_resend(native, dealer,
+                                                                              channel)
+        receive(dealer, warm)  # every warm-up publish is answered: stored
+        dealer.send(frames.encode_batch([publish(i, channel, b"m%d" % i) for i in range(50)]))
+        receive(dealer, 50)
+
+        def collect(sub, decode):
+            got, shapes = [], []
+            deadline = time.monotonic() + REPLY_WAIT_S
+            while len(got) < 50:
+                assert sub.poll(int(1000 * max(0.0, deadline - time.monotonic()))), len(got)
+                parts = sub.recv_multipart()
+                messages = [m for m in decode(parts) if m.data != b"warm"]
+                if messages:
+                    shapes.append(frames.is_batch(parts[1]))
+                    got.extend(messages)
+            return got, shapes
+
+        messages, shapes = collect(direct, lambda p: frames.decode_messages(p, 1 << 20))
+        first = messages[0].seq
+        assert [m.seq for m in messages] == list(range(first, first + 50))
+        assert [m.data for m in messages] == [b"m%d" % i for i in range(50)]
+        assert any(shapes), "the worker sent no batch"
+        forwarded, shapes = collect(native, lambda p: [frames.decode_message(p, 1 << 20)])
+        assert [m.seq for m in forwarded] == list(range(first, first + 50))
+        assert not any(shapes)
+    finally:
+        for sock in (dealer, direct, native):
+            sock.close(linger=0)

@@ -198,3 +198,25 @@ def test_decode_replies_of_a_single_reply_and_of_a_batch():
 def test_decode_replies_refuses_a_bad_body_whole(body):
     with pytest.raises(ProtocolError):
         frames.decode_replies(body, MAX)
+
+
+def test_a_channels_messages_in_one_batch_decode_in_order_and_split_for_native_subscribers():
+    sent = [frames.PubMessage("/a", seq, 3, b"d%d" % seq, None) for seq in (7, 8, 9)]
+    bodies = [frames.encode_message(m)[1] for m in sent]
+    batch = [frames.topic("/a"), frames.encode_batch(bodies)]
+    assert frames.decode_messages(batch, MAX) == sent
+    assert frames.decode_messages(frames.encode_message(sent[0]), MAX) == [sent[0]]
+    split = frames.split_messages(batch, MAX)
+    assert [frames.decode_message(parts, MAX) for parts in split] == sent
+    single = frames.encode_message(sent[1])
+    assert frames.split_messages(single, MAX) == [single]
+
+
+def test_a_message_batch_with_one_foreign_or_bad_message_is_refused_whole():
+    good = frames.encode_message(frames.PubMessage("/a", 1, 1, b"x", None))[1]
+    other = frames.encode_message(frames.PubMessage("/b", 2, 1, b"y", None))[1]
+    for bodies in ([good, other], [good, msgpack.packb([1])], [good] * (frames.MAX_BATCH + 1)):
+        with pytest.raises(frames.ProtocolError):
+            frames.decode_messages([frames.topic("/a"), frames.encode_batch(bodies)], MAX)
+        with pytest.raises(frames.ProtocolError):
+            frames.split_messages([frames.topic("/a"), frames.encode_batch(bodies)], MAX)

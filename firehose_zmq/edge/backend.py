@@ -678,11 +678,12 @@ class Backend:
 
     def _on_pub(self, parts) -> None:
         try:
-            message = frames.decode_message(parts, self._max_bytes)
+            messages = frames.decode_messages(parts, self._max_bytes)
         except frames.ProtocolError as exc:
             self._reject(f"on the message stream: {exc}")
             return
-        self._on_message(message)
+        for message in messages:
+            self._on_message(message)
 
     def _reject(self, reason: str) -> None:
         self.rejected_frames += 1

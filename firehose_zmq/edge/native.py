@@ -161,9 +161,19 @@ class NativeEndpoints:
     # -- subscribe endpoint -----------------------------------------------------
 
     def _on_worker_message(self, parts) -> None:
-        """A worker's message: forward it as is (the XPUB drops at a subscriber's HWM)."""
-        self.counters.forwarded += 1
-        self._xpub.send_multipart(parts, zmq.NOBLOCK)
+        """A worker's message: forward it as is, or a batch as its messages one by one
+        (the XPUB drops at a subscriber's HWM)."""
+        if frames.is_batch(parts[-1]):
+            try:
+                messages = frames.split_messages(parts, self._max_bytes)
+            except frames.ProtocolError as exc:
+                self._reject(f"from a worker's message stream: {exc}")
+                return
+        else:
+            messages = (parts,)
+        for message in messages:
+            self.counters.forwarded += 1
+            self._xpub.send_multipart(message, zmq.NOBLOCK)
         self._xpub_reader.soon()
 
     def _on_subscription(self, parts) -> None:

@@ -67,7 +67,11 @@ answered on its own (a bad one gets its own error reply, the others are served).
 The replies to a batch's requests are batched too: what one turn of the worker
 has of them for a peer leaves as one message whose body is an array of reply
 maps (at most ``MAX_BATCH``, and no more bytes than one message's limit); a
-request sent on its own is answered on its own.
+request sent on its own is answered on its own. A worker's PUB sends the
+messages one loop turn has for one channel as one message too: the topic, then
+a body that is an array of message maps, oldest first (``decode_messages``);
+the edge's native endpoint hands its subscribers one message per frame pair
+(``split_messages``).
 
 Replies: the same envelope, then one msgpack map::
 
@@ -459,11 +463,40 @@ def encode_message(message: PubMessage) -> list:
 
 
 def decode_message(frames: list, max_bytes: int) -> PubMessage:
-    """Check a PUB message; raises ProtocolError."""
+    """Check a PUB message of one channel message; raises ProtocolError."""
+    topic_frame, body = _message_frames(frames)
+    return _checked_message(_unpack(body, max_bytes), topic_frame)
+
+
+def decode_messages(frames: list, max_bytes: int) -> list:
+    """The channel messages of a PUB message, one or a batch (a worker's, of one
+    channel: ``encode_batch`` of message bodies), oldest first; raises ProtocolError
+    when any of them is refused."""
+    topic_frame, body = _message_frames(frames)
+    if not is_batch(body):
+        return [_checked_message(_unpack(body, max_bytes), topic_frame)]
+    return [_checked_message(fields, topic_frame) for fields in _unpack_batch(body, max_bytes)]
+
+
+def split_messages(frames: list, max_bytes: int) -> list:
+    """A PUB message as the two-frame messages of one channel message each (what
+    native subscribers take); raises ProtocolError when any of them is refused."""
+    topic_frame, body = _message_frames(frames)
+    if not is_batch(body):
+        return [frames]
+    items = _unpack_batch(body, max_bytes)
+    for fields in items:
+        _checked_message(fields, topic_frame)
+    return [[topic_frame, _pack(fields)] for fields in items]
+
+
+def _message_frames(frames: list) -> tuple:
     if len(frames) != 2:
         raise ProtocolError(f"a message has 2 frames, not {len(frames)}")
-    topic_frame, body = frames
-    fields = _unpack(body, max_bytes)
+    return frames[0], frames[1]
+
+
+def _checked_message(fields, topic_frame) -> PubMessage:
     if not isinstance(fields, dict):
         raise ProtocolError("message body must be a msgpack map")
     channel, seq, epoch = fields.get("channel"), fields.get("seq"), fields.get("epoch")

@@ -4,9 +4,10 @@ Links (both sockets bind; edges and native clients connect)::
 
     ROUTER router_bind   <- [envelope..., request]   (edges' DEALERs, native DEALERs)
                          -> [envelope..., reply]
-                            (a request body may be a batch; a peer that sends
-                            batches gets a turn's replies to it as one batch)
-    XPUB   pub_bind      -> [channel + b"\\x00", message]   one per publish
+                            (a request body may be a batch; the replies to a
+                            batch's requests leave as batches)
+    XPUB   pub_bind      -> [channel + b"\\x00", message]   a channel's messages of one
+                                                           loop turn (one, or a batch)
                          <- [b"\\x01" + topic] / [b"\\x00" + topic]   (subscriptions)
 
 Frame bodies are in ``wire.frames``. Every subscription that reaches the XPUB
@@ -516,19 +517,29 @@ class Worker:
         self._send_all(released)
 
     def _send_all(self, messages: list) -> None:
-        """Send ``(socket, frames)`` in order; replies to requests that came in batches
-        go to each peer together, as batches (``frames.batches``)."""
-        batched: dict = {}  # envelope -> reply bodies
+        """Send ``(socket, frames)``; replies to requests that came in batches go to
+        each peer together, and each channel's messages together, as batches
+        (``frames.batches``; a channel's in order)."""
+        batched: dict = {}   # envelope -> reply bodies
+        channels: dict = {}  # topic -> message bodies
+        xpub = self._xpub
         for sock, parts in messages:
-            if sock is _BATCHED:
+            if sock is xpub:
+                channels.setdefault(parts[0], []).append(parts[1])
+            elif sock is _BATCHED:
                 batched.setdefault(tuple(parts[:-1]), []).append(parts[-1])
             else:
                 send_frames(sock, parts)
+        limit = self.limits.max_message_bytes
         router = self._router
         for envelope, bodies in batched.items():
-            for batch in frames.batches(bodies, self.limits.max_message_bytes):
+            for batch in frames.batches(bodies, limit):
                 send_frames(router, [*envelope, batch[0] if len(batch) == 1
                                      else frames.encode_batch(batch)])
+        for topic, bodies in channels.items():
+            for batch in frames.batches(bodies, limit):
+                send_frames(xpub, [topic, batch[0] if len(batch) == 1
+                                   else frames.encode_batch(batch)])
 
     def _expire(self, now: float) -> None:
         expired = self.channels.expire(now)

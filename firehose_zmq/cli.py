@@ -134,11 +134,14 @@ GC_THRESHOLDS = (50000, 20, 10)
 def settle() -> None:
     """Once a server's start-up is done: keep what it built (modules, config,
     sockets, tables) out of every later collection (``gc.freeze``), and collect
-    the youngest generation every ``GC_THRESHOLDS[0]`` allocations instead of
-    Python's 700. A connection or request allocates tens of objects that die
-    young and almost never form cycles, so the default ran a collection every
-    few deliveries, each scanning every connection's objects, and found nothing.
-    Cycles are still collected, only less often."""
+    the youngest generation once allocations outnumber deallocations by
+    ``GC_THRESHOLDS[0]`` instead of Python's 700. A connection or request
+    allocates tens of objects that die young and almost never form cycles, so the
+    default ran a collection every few deliveries, each scanning every
+    connection's objects, and found nothing. Cycles are collected much less often
+    (under steady churn the count grows slowly), so what is freed per connection
+    must not rely on them: a closed connection drops its stream, which points back
+    at it."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

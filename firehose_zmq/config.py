@@ -106,6 +106,12 @@ class StorageConfig:
     ``commit_window_ms`` (``sync`` only): how long the worker lets publishes
     gather before a commit; each waits up to that much longer for its 202, and
     fewer commits carry them (0, the default, commits as soon as one waits).
+    ``commit_on`` (``sync`` only): ``loop``, the worker's event loop commits at the
+    end of each turn (the least CPU; while a commit runs the worker answers
+    nothing, so one that stalls past the edges' liveness window gets the worker
+    marked down, as a stopped one); ``thread``, a writer thread commits and the
+    loop goes on answering meanwhile (heartbeats included), for disks whose
+    commits can stall for seconds.
     ``replicas``: how many workers after a channel's owner on the ring keep a copy
     of it (README, "When a host is lost"); 0 keeps channels on their owner only.
     ``replica_ack`` (``sync`` only): ``one``, a 202 also waits for the channel's
@@ -121,12 +127,14 @@ class StorageConfig:
     publish_id_window_s: int = 600
     max_unflushed_ops: int = 50000
     commit_window_ms: int = 0
+    commit_on: str = "loop"
     replicas: int = 0
     replica_ack: str = "one"
     replica_lease_ms: int = 1000
 
 
 REPLICA_ACKS = ("one", "none")
+COMMIT_ON = ("loop", "thread")
 
 AUTH_MODES = ("open", "required")
 AUTH_OPS = ("publish", "subscribe")
@@ -541,6 +549,9 @@ def check_storage(storage: StorageConfig) -> StorageConfig:
         raise ConfigError("storage.max_unflushed_ops must be at least 1")
     if not 0 <= storage.commit_window_ms <= MAX_COMMIT_WINDOW_MS:
         raise ConfigError(f"storage.commit_window_ms must be from 0 to {MAX_COMMIT_WINDOW_MS}")
+    if storage.commit_on not in COMMIT_ON:
+        raise ConfigError(f"storage.commit_on must be one of {', '.join(COMMIT_ON)}, "
+                          f"not {storage.commit_on!r}")
     if storage.replicas < 0:
         raise ConfigError("storage.replicas must be 0 or more")
     if storage.replica_ack not in REPLICA_ACKS:

@@ -48,6 +48,7 @@ def test_example_config_loads():
      "at least twice edge.request_timeout_s"),
     ("[storage]\ncommit_window_ms = 1001\n", "from 0 to 1000"),
     ("[storage]\ncommit_window_ms = -1\n", "non-negative integer"),
+    ("[storage]\ncommit_on = \"disk\"\n", "commit_on must be one of loop, thread"),
     ("[edge]\nrequest_timeout_s = 1\n[storage]\ncommit_window_ms = 500\npublish_id_window_s = 10\n",
      "below half of edge.request_timeout_s"),
 ])

@@ -196,11 +196,16 @@ def publish_concurrently(cluster, channels, rounds):
     return [r.result(30.0) for r in running]
 
 
-def test_commit_window_acknowledges_only_committed_publishes_and_shares_commits(tmp_path):
+@pytest.mark.parametrize("commit_on", ["loop", "thread"])
+def test_commit_window_acknowledges_only_committed_publishes_and_shares_commits(tmp_path,
+                                                                              commit_on):
     """With a commit window a 202 still means committed (a SIGKILL right after the last
     202s loses none of them), and the publishes that arrive within one window share
-    one commit."""
-    with Cluster(tmp_path, storage_config="commit_window_ms = 200") as cluster:
+    one commit; whether the worker's loop or a writer thread commits."""
+    with Cluster(tmp_path, storage_config=f'commit_window_ms = 200\ncommit_on = "{commit_on}"'
+                 ) as cluster:
+        committer = "loop" if commit_on == "loop" else "writer thread"
+        wait_log(cluster.workers["w1"], f"durability sync, commits on the {committer}")
         rounds = 5
         channels = [fresh("w1") for _ in range(4)]
         expected = [[str(i) for i in range(1, rounds + 1)]] * len(channels)

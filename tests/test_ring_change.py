@@ -2,6 +2,7 @@
 channels handed over with their sequences, epochs, buffers and publish ids."""
 
 import asyncio
+import signal
 import time
 
 import pytest
@@ -271,3 +272,36 @@ def test_requests_waiting_for_a_take_are_bounded(tmp_path):
         assert all(1.0 <= t < 4.0 for t, _ in parked), [t for t, _ in parked]
         print(f"\nrefused at once within {max(t for t, _ in refused) * 1000:.0f} ms; parked "
               f"answered after {min(t for t, _ in parked):.2f} s")
+
+
+def test_a_worker_stopped_while_requests_are_parked_answers_them_and_exits_cleanly(tmp_path):
+    """Requests parked for channels still being taken (the old owner frozen) are answered
+    ``unavailable`` when the worker stops, and the stop is clean (it crashed on them)."""
+    with HostBed(tmp_path, ["w1"], edges=0) as bed:
+        bed.add_host("w2")
+        bed.write_config(["w1", "w2"], previous=["w1"])
+        w2 = bed.start_worker("w2")
+        w2.wait_for("refused a take")
+        bed.freeze("w1")
+        ring = Ring(["w1", "w2"])
+        moving = [f"/park/{i}" for i in range(100) if ring.owner(f"/park/{i}") == "w2"][:3]
+        host, router, _ = bed.hosts["w2"]
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://{host}:{router}")
+        try:
+            for i, name in enumerate(moving):
+                sock.send(frames.encode_request({"id": i, "op": "fetch", "channel": name,
+                                                 "since": 0}))
+            # Read in order after the fetches: once it is answered, they are parked.
+            sock.send(frames.encode_request({"id": "ping", "op": "ping"}))
+            assert sock.poll(10000) and frames.decode_reply(sock.recv(), 1 << 20)["id"] == "ping"
+            w2.signal(signal.SIGTERM)
+            assert w2.popen.wait(10) == 0
+            replies = []
+            while len(replies) < len(moving) and sock.poll(5000):
+                replies.extend(frames.decode_replies(sock.recv(), 1 << 20))
+            assert sorted((r["id"], r.get("error")) for r in replies) == [
+                (i, "unavailable") for i in range(len(moving))]
+        finally:
+            sock.close(linger=0)

@@ -350,6 +350,9 @@ class Connection(asyncio.Protocol):
             self._poll.cancel()
         if self._stream is not None:
             self._stream.gone()
+            # The session points back at this connection: without the cycle both are
+            # freed now, not at the garbage collector's next full collection.
+            self._stream = None
         if transport is not None and not getattr(transport, "released", False):
             self._edge.metrics.connection_closed(time.time())
 

@@ -143,7 +143,7 @@ class Worker:
         self._poller = zmq.Poller()
         self._router = None
         self._xpub = None
-        self._writer = None          # LoopCommitter (sync), StoreWriter (async), None (memory)
+        self._writer = None          # LoopCommitter or StoreWriter; None in memory mode
         self._gated = False          # sync mode: hold output until committed
         self._ops: list = []         # store operations of the current loop turn
         self._outbox: deque = deque()  # (ticket, socket, frames) waiting for a commit
@@ -207,17 +207,21 @@ class Worker:
         except BaseException:
             store.close(clean=False)
             raise
-        if storage.durability == "sync":
+        if storage.durability == "sync" and storage.commit_on == "loop":
             self._writer = LoopCommitter(store, storage.commit_window_ms / 1000.0)
         else:
-            self._writer = StoreWriter(store, self._context, storage.flush_interval_ms / 1000.0)
+            gather_ms = (storage.flush_interval_ms if storage.durability == "async"
+                         else storage.commit_window_ms)
+            self._writer = StoreWriter(store, self._context, gather_ms / 1000.0)
         self._gated = storage.durability == "sync"
         self._writer.start()
         log.info("worker %s loaded %d channels (%d messages, %d publish ids, %d expired) from "
                  "%s in %.0f ms; durability %s; previous stop %s", self.me.id,
                  len(snapshot.channels), sum(len(c.messages) for c in snapshot.channels),
                  len(snapshot.publish_ids), snapshot.dropped_expired, self.store_path,
-                 1000 * (time.monotonic() - started), storage.durability,
+                 1000 * (time.monotonic() - started),
+                 f"sync, commits on the {'loop' if storage.commit_on == 'loop' else 'writer thread'}"
+                 if storage.durability == "sync" else storage.durability,
                  "clean" if snapshot.clean else "unclean (crash or kill)")
         if self.replica is not None:
             self.replica.open()
@@ -357,11 +361,13 @@ class Worker:
 
     def close(self, linger_ms: int = 0) -> None:
         """Close the sockets (``linger_ms`` lets queued replies leave) and the store."""
+        self.handoff.close()  # answers the requests still parked
         if self._writer is not None:
-            self._writer.stop(_STOP_TIMEOUT_S)
+            if self._writer.stop(_STOP_TIMEOUT_S):
+                self._flush_outbox()
             self.counters.commits = self._writer.commits
             self._writer = None
-        self.handoff.close()
+        self._send_ready()
         if self.replicator is not None:
             log.info("worker %s replication: %s; as a replica: %s", self.me.id,
                      self.replicator.counters, self.replica.counters)
@@ -425,7 +431,10 @@ class Worker:
                         replica.tick(now)
                     next_expiry = now + _EXPIRE_EVERY_S
                 self._submit()
-                if self._writer is not None and self._writer.commit_due(time.monotonic()):
+                if self._writer is not None and self._writer.due_in(time.monotonic()) == 0:
+                    # What needs no commit (heartbeat replies) leaves before it runs.
+                    self._send_ready()
+                    self._writer.commit_due(time.monotonic())
                     self._flush_outbox()
                 if replicator is not None:
                     replicator.tick(time.monotonic())
@@ -481,7 +490,7 @@ class Worker:
         """Send at the end of this loop turn, or (sync mode) once the state these
         frames reveal is on disk and, with ``gate`` (``Replicator.gate``), once the
         channel's replica has acknowledged it."""
-        if self._gated:
+        if self._gated and self._writer is not None:  # (None: stopped, all committed)
             ticket = self._visible_ticket()
             if self._outbox or ticket > self._writer.committed_ticket or gate is not None:
                 self._outbox.append((ticket, gate, sock, parts))
@@ -617,8 +626,8 @@ class Worker:
                 gate = self.replicator.gate(self._reply_channel)
             self._send(to, parts, gate)
         else:
-            # A heartbeat must not wait behind the disk, or a slow commit
-            # would get a healthy worker declared down: it leaves with this turn.
+            # A heartbeat does not wait for the state to be committed: it leaves
+            # with this turn, before the turn's commit (``commit_on = "loop"``).
             self._ready.append((to, parts))
 
     def _drain_subscriptions(self) -> None:

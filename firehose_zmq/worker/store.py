@@ -1,4 +1,4 @@
-"""Durable channel state for a worker: one SQLite file (WAL), written by a thread of its own.
+"""Durable channel state for a worker: one SQLite file (WAL), with group commit.
 
 Theory of operation
 -------------------
@@ -22,8 +22,9 @@ client can see (a 202, a sequence, a message) is ever lost by a crash. In
 ``async`` mode the loop answers at once and the writer commits at most every
 ``flush_interval_s``; a crash loses at most that interval's tail.
 
-In ``sync`` mode the worker commits on its own loop thread instead
-(``LoopCommitter``, the same interface without a thread): at the end of each
+In ``sync`` mode (with ``commit_on = "loop"``, the default) the worker commits
+on its own loop thread instead (``LoopCommitter``, the same interface without a
+thread): at the end of each
 loop turn, after the turn's requests were read and before its replies leave,
 what the turn recorded is committed. What arrives while that commit's fsync runs
 waits in ZeroMQ's queues and is read in the next turn, so it shares the next

@@ -60,6 +60,8 @@ def test_every_key_of_every_section_has_a_generated_variable():
                 expected, text, others = _SPECIAL[(section, f.name)]
             elif f.name == "durability":
                 expected, text = "async", "async"
+            elif f.name == "commit_on":
+                expected, text = "thread", "thread"
             elif f.name == "bind":
                 expected = text = "127.0.0.2:9"
             elif f.name == "default_buffer_size":

@@ -941,8 +941,8 @@ def main(argv=None) -> int:
         log.error("worker %s: %s", args.id, exc)
         worker.close()
         return 1
+    cli.settle()  # before "ready": its full collection runs while nothing waits on it
     worker.log_ready()
-    cli.settle()
     ok = False
     try:
         ok = worker.run(lambda: bool(stopping))

@@ -17,7 +17,7 @@ import zmq.asyncio
 from firehose_zmq.ring import Ring
 from firehose_zmq.wire import frames
 
-from .http import parse_response_head
+from .storm import Http
 
 
 def channels_on(worker_id: str, worker_ids, count: int, prefix: str = "/scale") -> list:
@@ -44,8 +44,7 @@ class Poller:
         self.errors = 0
         self._want = 0
         self._got = asyncio.Event()
-        self._reader = self._writer = None
-        self._connecting = connecting
+        self._http = Http("127.0.0.1", port, connecting)
 
     def want(self, seq: int) -> None:
         self._want = seq
@@ -80,31 +79,13 @@ class Poller:
             await self._close()
 
     async def _poll(self) -> tuple:
-        if self._writer is None:
-            if self._connecting is None:
-                self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
-            else:
-                async with self._connecting:
-                    self._reader, self._writer = await asyncio.open_connection("127.0.0.1",
-                                                                               self.port)
-        self._writer.write(f"GET {self.channel}?last_message_sequence={self.last} HTTP/1.1\r\n"
-                           f"Host: 127.0.0.1\r\n\r\n".encode())
         self.polled_at = time.monotonic()
-        head = await self._reader.readuntil(b"\r\n\r\n")
-        status, headers = parse_response_head(head)
-        body = await self._reader.readexactly(int(headers.get("content-length", "0")))
-        if headers.get("connection", "").lower() == "close":
-            await self._close()
+        status, _, body = await self._http.request(
+            "GET", f"{self.channel}?last_message_sequence={self.last}")
         return status, body
 
     async def _close(self) -> None:
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
+        await self._http.close()
 
 
 class NativePublisher:

@@ -20,13 +20,20 @@ from .http import parse_response_head
 class Http:
     """One keep-alive HTTP/1.1 connection (reopened after an error)."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, connecting=None):
         self.host, self.port = host, port
         self._reader = self._writer = None
+        self._connecting = connecting  # a shared semaphore bounding connects at once
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple:
         if self._writer is None:
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+            if self._connecting is None:
+                self._reader, self._writer = await asyncio.open_connection(self.host,
+                                                                           self.port)
+            else:
+                async with self._connecting:
+                    self._reader, self._writer = await asyncio.open_connection(self.host,
+                                                                               self.port)
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
         if method == "PUT":
             head += f"Content-Length: {len(body)}\r\n"

@@ -2,6 +2,7 @@
 channels handed over with their sequences, epochs, buffers and publish ids."""
 
 import asyncio
+import contextlib
 import signal
 import time
 
@@ -239,31 +240,13 @@ def test_a_handoff_survives_a_frozen_source_and_a_killed_new_owner(tmp_path, run
 def test_requests_waiting_for_a_take_are_bounded(tmp_path):
     """While a channel's source does not answer, at most max_parked_requests wait for the
     take; more are refused at once, the waiting ones get 'unavailable' at the take's deadline."""
-    with HostBed(tmp_path, ["w1"], edges=0,
-                 tables="[limits]\nmax_parked_requests = 5\n") as bed:
-        bed.add_host("w2")
-        bed.write_config(["w1", "w2"], previous=["w1"])
-        w2 = bed.start_worker("w2")
-        w2.wait_for("refused a take")  # connected to w1, which is still on the old ring
-        bed.freeze("w1")
-        ring = Ring(["w1", "w2"])
-        moving = [f"/park/{i}" for i in range(100) if ring.owner(f"/park/{i}") == "w2"][:8]
-        host, router, _ = bed.hosts["w2"]
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"tcp://{host}:{router}")
-        try:
-            started = time.monotonic()
-            for i, name in enumerate(moving):
-                sock.send(frames.encode_request({"id": i, "op": "fetch", "channel": name,
-                                                 "since": 0}))
-            answers = {}
-            while len(answers) < len(moving):
-                assert sock.poll(5000), f"only {len(answers)} answers"
-                reply = frames.decode_reply(sock.recv(), 1 << 20)
-                answers[reply["id"]] = (time.monotonic() - started, reply)
-        finally:
-            sock.close()
+    with fetching_from_a_frozen_source(tmp_path, 8, "[limits]\nmax_parked_requests = 5\n"
+                                       ) as (_, sock, moving, started):
+        answers = {}
+        while len(answers) < len(moving):
+            assert sock.poll(5000), f"only {len(answers)} answers"
+            reply = frames.decode_reply(sock.recv(), 1 << 20)
+            answers[reply["id"]] = (time.monotonic() - started, reply)
         refused = [a for a in answers.values() if "max_parked_requests" in a[1]["reason"]]
         parked = [a for a in answers.values() if a not in refused]
         assert len(refused) == 3 and len(parked) == 5
@@ -277,31 +260,41 @@ def test_requests_waiting_for_a_take_are_bounded(tmp_path):
 def test_a_worker_stopped_while_requests_are_parked_answers_them_and_exits_cleanly(tmp_path):
     """Requests parked for channels still being taken (the old owner frozen) are answered
     ``unavailable`` when the worker stops, and the stop is clean (it crashed on them)."""
-    with HostBed(tmp_path, ["w1"], edges=0) as bed:
+    with fetching_from_a_frozen_source(tmp_path, 3) as (w2, sock, moving, _):
+        # Read in order after the fetches: once it is answered, they are parked.
+        sock.send(frames.encode_request({"id": "ping", "op": "ping"}))
+        assert sock.poll(10000) and frames.decode_reply(sock.recv(), 1 << 20)["id"] == "ping"
+        w2.signal(signal.SIGTERM)
+        assert w2.popen.wait(10) == 0
+        replies = []
+        while len(replies) < len(moving) and sock.poll(5000):
+            replies.extend(frames.decode_replies(sock.recv(), 1 << 20))
+        assert sorted((r["id"], r.get("error")) for r in replies) == [
+            (i, "unavailable") for i in range(len(moving))]
+
+
+@contextlib.contextmanager
+def fetching_from_a_frozen_source(tmp_path, count: int, tables: str = ""):
+    """w2 joins w1's ring and w1 freezes: a DEALER to w2 has sent fetches for ``count``
+    channels moving to w2, which wait for a take w1 does not answer. Yields (w2's
+    process, the DEALER, the channels, when the fetches were sent)."""
+    with HostBed(tmp_path, ["w1"], edges=0, tables=tables) as bed:
         bed.add_host("w2")
         bed.write_config(["w1", "w2"], previous=["w1"])
         w2 = bed.start_worker("w2")
-        w2.wait_for("refused a take")
+        w2.wait_for("refused a take")  # connected to w1, which is still on the old ring
         bed.freeze("w1")
         ring = Ring(["w1", "w2"])
-        moving = [f"/park/{i}" for i in range(100) if ring.owner(f"/park/{i}") == "w2"][:3]
+        moving = [f"/park/{i}" for i in range(100) if ring.owner(f"/park/{i}") == "w2"][:count]
         host, router, _ = bed.hosts["w2"]
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(f"tcp://{host}:{router}")
         try:
+            started = time.monotonic()
             for i, name in enumerate(moving):
                 sock.send(frames.encode_request({"id": i, "op": "fetch", "channel": name,
                                                  "since": 0}))
-            # Read in order after the fetches: once it is answered, they are parked.
-            sock.send(frames.encode_request({"id": "ping", "op": "ping"}))
-            assert sock.poll(10000) and frames.decode_reply(sock.recv(), 1 << 20)["id"] == "ping"
-            w2.signal(signal.SIGTERM)
-            assert w2.popen.wait(10) == 0
-            replies = []
-            while len(replies) < len(moving) and sock.poll(5000):
-                replies.extend(frames.decode_replies(sock.recv(), 1 << 20))
-            assert sorted((r["id"], r.get("error")) for r in replies) == [
-                (i, "unavailable") for i in range(len(moving))]
+            yield w2, sock, moving, started
         finally:
             sock.close(linger=0)
